@@ -1,0 +1,158 @@
+"""One entry point: ``trunet <command>`` (also ``python -m trunet`` and ``torchrun -m trunet``).
+
+Commands (DESIGN.md section 6)::
+
+    trunet phantom  --out DIR [--cases N] [--seed S]
+    trunet train    --config C [--data PATH] [--run-dir DIR] [--resume] [key=value ...]
+    trunet predict  --checkpoint CKPT --input FILE|DIR|datalist.json --output DIR [options]
+    trunet evaluate --pred DIR --ref DIR|datalist.json|ACDC-root --out DIR
+    trunet plan     --config C [--vram-gb 40] [--headroom 0.1] [--out FRAGMENT.yaml]
+
+A user error (:class:`trunet.errors.TrunetError`) ends with one line on stderr and exit code 2;
+``--debug`` shows the traceback. The commands import their modules lazily so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from trunet import __version__
+from trunet.errors import TrunetError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from trunet.data.phantom import write_phantom_dataset
+
+    datalist = write_phantom_dataset(args.out, cases=args.cases, seed=args.seed)
+    print(f"wrote {args.cases} phantom cases in ACDC layout to {args.out}; datalist: {datalist}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from trunet.pipeline.config import load_config
+
+    config = load_config(args.config, args.overrides)  # config errors first, before heavy imports
+    from trunet.pipeline.train import run_training
+
+    if args.data is not None:
+        config.data.root = str(args.data)
+    run_training(config, run_dir=args.run_dir, resume=args.resume, config_path=args.config)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from trunet.pipeline.infer import run_prediction
+
+    run_prediction(
+        checkpoint=args.checkpoint,
+        inputs=args.input,
+        output_dir=args.output,
+        device=args.device,
+        overlap=args.overlap,
+        sw_batch_size=args.sw_batch_size,
+        tta=args.tta,
+        postprocess=not args.no_postprocess,
+        save_probabilities=args.save_probabilities,
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from trunet.pipeline.evaluate import run_evaluation
+
+    run_evaluation(pred=args.pred, ref=args.ref, out_dir=args.out, classes=args.classes)
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from trunet.pipeline.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    from trunet.pipeline.plan import run_plan
+
+    run_plan(config, vram_gb=args.vram_gb, headroom=args.headroom, out=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trunet",
+        description="Time-resolved (4D) cardiac cine MRI segmentation: phantom data, training, "
+        "sliding-window prediction, clinical evaluation and GPU memory planning.",
+    )
+    parser.add_argument("--version", action="version", version=f"trunet {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub.required = True
+
+    p = sub.add_parser("phantom", help="write synthetic 4D cardiac cine cases (ACDC layout + datalist.json)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created; existing cases are not overwritten)")
+    p.add_argument("--cases", type=int, default=10, help="number of patients (default: 10)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same cases (default: 0)")
+    p.set_defaults(func=_cmd_phantom)
+
+    p = sub.add_parser("train", help="train a time-resolved UNet (also under torchrun for several GPUs)")
+    p.add_argument("--config", type=Path, required=True, help="YAML config, e.g. configs/demo.yaml")
+    p.add_argument("--data", type=Path, default=None,
+                   help="datalist JSON or ACDC-layout root; default: the config's data.root, else the built-in phantom")
+    p.add_argument("--run-dir", type=Path, default=None, help="run folder (default: runs/<config name>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from checkpoints/latest.pt")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("predict", help="segment every frame of cine scans with a trained checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/best.pt")
+    p.add_argument("--input", type=Path, required=True, help="a 4D image file, a folder of them, or a datalist JSON")
+    p.add_argument("--output", type=Path, required=True, help="output folder for <case>_seg.nii.gz")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: from the checkpoint)")
+    p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: from the checkpoint)")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (slower, smoother)")
+    p.add_argument("--no-postprocess", action="store_true", help="keep all components (default: largest per class)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write <case>_prob.nii.gz (float16)")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice/HD95, volumes, EF, mass and temporal consistency against references")
+    p.add_argument("--pred", type=Path, required=True, help="folder of <case>_seg.nii.gz from predict")
+    p.add_argument("--ref", type=Path, required=True, help="reference labels: a folder, a datalist JSON or an ACDC root")
+    p.add_argument("--out", type=Path, required=True, help="report folder (CSV, JSON, PNG figures)")
+    p.add_argument("--classes", nargs="+", default=None,
+                   help="class names by label value (default: background RV MYO LV)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("plan", help="estimate training memory and choose the largest patch that fits a GPU")
+    p.add_argument("--config", type=Path, required=True, help="YAML config, e.g. configs/default.yaml")
+    p.add_argument("--vram-gb", type=float, default=40.0, help="GPU memory budget in GB (default: 40)")
+    p.add_argument("--headroom", type=float, default=0.1, help="fraction of the budget kept free (default: 0.1)")
+    p.add_argument("--out", type=Path, default=None, help="write the chosen values as a config fragment (YAML)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=_cmd_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except TrunetError as exc:
+        if args.debug:
+            raise
+        print(f"trunet {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"trunet {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
