@@ -1,0 +1,323 @@
+"""Inference: whole cine cases through a trained time-resolved UNet, and ``trunet predict`` on files.
+
+Two layers:
+
+* :class:`Predictor` works on tensors. ``predict_case(image)`` takes one preprocessed cine
+  ``(1, T, X, Y, Z)`` and returns softmax probabilities ``(1, T, K, X, Y, Z)``. Validation during training
+  calls it too.
+* :func:`run_prediction` works on files: it loads a checkpoint, finds the input scans, preprocesses each
+  with the checkpoint's inference transforms, predicts, maps the probabilities back onto the scan's own
+  grid (MONAI ``Invertd``), takes the arg-max, optionally keeps the largest component per class and frame
+  (:mod:`trunet.pipeline.postprocess`), and writes ``<case_id>_seg.nii.gz`` atomically.
+
+Space and time
+--------------
+*Space*: MONAI's :class:`~monai.inferers.SlidingWindowInferer` with Gaussian blending slides a window of the
+training patch size over ``(X, Y, Z)``. The frames of a time window ride along as the channels of the
+window: the inferer sees ``(1, T*C, X, Y, Z)`` and a small wrapper unfolds each window batch to
+``(n, T, C, x, y, z)``, runs the model, takes the softmax over classes and refolds ``(n, T*K, x, y, z)``.
+So every frame of a time window goes through the ConvLSTMs together, and all frames share one geometry.
+Probabilities (not logits) are blended, so overlapping windows and time windows mix on the same scale.
+The stitched output lives on the CPU when it would exceed ``infer.cpu_stitch_voxels`` elements
+(``T * K * X * Y * Z``), so accelerator memory depends on the patch, not on the scan.
+
+*Time*: the ConvLSTM runs on any number of frames, so by default (``time_window="auto"``) the whole series
+goes through in one pass whenever one pass stays within ``pass_voxel_budget`` voxel-frames
+(``T * patch voxels * sw_batch_size``; a 30-frame cine at the 160 x 160 x 8 ACDC patch is well inside).
+One pass is the best choice for accuracy: every frame sees the whole past of the cycle (and its future for
+a bidirectional model), and there are no seams. Only a longer series (or an explicit ``time_window=W``) is
+cut into overlapping **time windows** of ``W`` frames (``W`` = the largest window within the budget, at
+least the training window), consecutive windows sharing ``c = infer.time_overlap`` frames:
+
+* window starts ``0, W - c, 2 (W - c), ...``; the last window is shifted back to end at frame ``T``;
+* each window after the first is *warm-started*: its first ``c`` frames are context that the recurrent
+  state runs through before the frames it is trusted on;
+* causal (unidirectional) model: the outputs of those ``c`` context frames are discarded (weight 0), since
+  the previous window saw them with more history; every other frame has weight 1 and frames covered twice
+  with weight 1 (before a shifted last window) are averaged;
+* bidirectional model: the ``c`` shared frames are blended linearly, weight ``(i + 1) / (c + 1)`` rising at a
+  window's head and falling at its tail, because both ends of a window lack context there.
+
+A series that fits in one window (``T <= W``) goes through in a single pass, exactly as with
+``time_window=None``.
+
+Mirroring TTA (``infer.tta``) averages the probabilities of the four in-plane mirrorings (none, x, y, xy)
+inside each window, as nnU-Net does; the slice axis is not mirrored (apex and base differ).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+import torch
+from monai.data.utils import dense_patch_slices
+from monai.inferers import SlidingWindowInferer
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from trunet.errors import DataError
+from trunet.pipeline.config import InferConfig
+
+__all__ = [
+    "Predictor",
+    "TimeWindow",
+    "time_windows",
+    "DEFAULT_PASS_VOXEL_BUDGET",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PASS_VOXEL_BUDGET = 8 * 2**20
+"""Voxel-frames one forward pass may hold (``T * patch voxels * sw_batch_size``) before ``time_window="auto"``
+cuts the series into time windows: 40 frames of a 160 x 160 x 8 patch. See BENCHMARKS.md for the memory
+this costs with the default model."""
+
+_INPLANE_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (4,), (3, 4))  # dims of (n, T, C, X, Y, Z)
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """Frames ``start:stop`` of a series go through the model together; ``weights`` ``(stop - start,)``
+    say how much each frame's output counts when windows are blended (0 = context only)."""
+
+    start: int
+    stop: int
+    weights: Tensor
+
+
+def time_windows(num_frames: int, window: Optional[int], context: int, causal: bool = True) -> list[TimeWindow]:
+    """Cut ``num_frames`` frames into overlapping time windows (scheme in the module docstring).
+
+    Args:
+        num_frames: ``T``.
+        window: frames per window ``W``; ``None`` or ``0`` = the whole series in one window.
+        context: frames shared by consecutive windows ``c`` (clipped to ``W - 1``).
+        causal: the model's output at frame ``t`` depends on frames ``<= t`` only.
+
+    Returns:
+        Windows in time order whose nonzero weights cover every frame.
+    """
+    if num_frames < 1:
+        raise ValueError(f"a series needs at least one frame, got {num_frames}")
+    if not window or window >= num_frames:
+        return [TimeWindow(0, num_frames, torch.ones(num_frames))]
+    if window < 1:
+        raise ValueError(f"time window must be positive or None, got {window}")
+    context = max(0, min(int(context), window - 1))
+    stride = window - context
+    starts = list(range(0, num_frames - window, stride)) + [num_frames - window]
+    out = []
+    for k, start in enumerate(starts):
+        weights = torch.ones(window)
+        if context:
+            ramp = torch.arange(1, context + 1, dtype=torch.float32) / (context + 1)
+            if k > 0:
+                weights[:context] = 0.0 if causal else ramp
+            if k < len(starts) - 1 and not causal:
+                weights[-context:] = torch.minimum(weights[-context:], ramp.flip(0))
+        out.append(TimeWindow(start, start + window, weights))
+    return out
+
+
+def _resolve_device(device: Union[str, torch.device, None], fallback: torch.device) -> torch.device:
+    if device is None:
+        return fallback
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DataError(None, f"unknown device {device!r} ({exc}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(None, f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+    return dev
+
+
+class Predictor:
+    """Sliding-window (space) and time-window inference of a time-resolved UNet on whole cases.
+
+    Args:
+        model: a :class:`~trunet.models.TimeResolvedUNet` (or any module mapping ``(B, T, C, X, Y, Z)`` to
+            logits ``(B, T, K, X, Y, Z)``, or a list whose first element is that). Put in eval mode for each
+            call and restored to its previous mode afterwards, so the trainer can pass its live model.
+        preprocessing: the checkpoint's preprocessing dict; uses ``patch_size`` (the window, rounded up to
+            the model's ``size_divisor``), ``time_window`` (the training window) and ``classes``.
+        infer_config: ``overlap``, ``sw_batch_size``, ``time_overlap``, ``tta``, ``cpu_stitch_voxels``
+            (``postprocess`` is applied by :func:`run_prediction` on label maps, not here).
+        device: where the model runs; default: the device of the model's parameters. The model is moved
+            there.
+        amp: autocast the forward pass on CUDA (bf16 where supported, else fp16).
+        time_window: ``"auto"`` (whole series when within ``pass_voxel_budget``), ``None``/``0`` (always the
+            whole series) or an int ``W`` (time windows of ``W`` frames).
+        amp_on_cpu: also autocast on the CPU (bf16; fast only on CPUs with bf16 instructions).
+        progress: show a tqdm bar per case (windows done).
+        pass_voxel_budget: see ``time_window="auto"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        preprocessing: dict[str, Any],
+        infer_config: InferConfig,
+        device: Union[str, torch.device, None] = None,
+        amp: bool = True,
+        *,
+        time_window: Union[int, None, Literal["auto"]] = "auto",
+        amp_on_cpu: bool = False,
+        progress: bool = False,
+        pass_voxel_budget: int = DEFAULT_PASS_VOXEL_BUDGET,
+    ):
+        try:
+            model_device = next(model.parameters()).device
+        except StopIteration:
+            model_device = torch.device("cpu")
+        self.device = _resolve_device(device, model_device)
+        self.model = model.to(self.device)
+        self.config = infer_config
+        self.classes = list(preprocessing["classes"])
+        self.num_classes = len(self.classes)
+        self.in_channels = int(getattr(model, "in_channels", 1))
+        out_channels = getattr(model, "out_channels", self.num_classes)
+        if out_channels != self.num_classes:
+            raise ValueError(f"model has {out_channels} output channels but preprocessing names {self.num_classes} classes")
+        patch = tuple(int(p) for p in preprocessing["patch_size"])
+        fit_size = getattr(model, "fit_size", None)
+        self.roi_size: tuple[int, int, int] = tuple(fit_size(patch)) if fit_size is not None else patch  # type: ignore[assignment]
+        self.train_window = int(preprocessing.get("time_window") or 1)
+        self.causal = bool(getattr(model, "causal", not getattr(model, "bidirectional", False)))
+        if time_window not in ("auto", None) and (not isinstance(time_window, int) or time_window < 0):
+            raise ValueError(f"time_window must be 'auto', None or a non-negative int, got {time_window!r}")
+        self.time_window = time_window
+        self.pass_voxel_budget = int(pass_voxel_budget)
+        self.amp = amp
+        self.amp_on_cpu = amp_on_cpu
+        self.progress = progress
+        self._bar: Optional[tqdm] = None
+
+    # -- planning ---------------------------------------------------------------------------------
+    def frames_per_pass(self, num_frames: int) -> Optional[int]:
+        """The time window ``W`` used for a series of ``num_frames`` frames (``None`` = one pass)."""
+        if self.time_window == "auto":
+            per_frame = math.prod(self.roi_size) * self.config.sw_batch_size
+            if num_frames * per_frame <= self.pass_voxel_budget:
+                return None
+            return max(self.train_window, self.pass_voxel_budget // per_frame, 1)
+        return self.time_window or None
+
+    def stitch_device(self, num_frames: int, spatial_size: Sequence[int]) -> torch.device:
+        """CPU when the stitched output ``(T*K, X, Y, Z)`` exceeds ``cpu_stitch_voxels`` elements, else :attr:`device`."""
+        voxels = num_frames * self.num_classes * math.prod(int(s) for s in spatial_size)
+        return torch.device("cpu") if voxels > self.config.cpu_stitch_voxels else self.device
+
+    def _num_spatial_windows(self, spatial_size: Sequence[int]) -> int:
+        """How many windows MONAI's sliding window visits (same interval rule as ``sliding_window_inference``)."""
+        size = [max(int(s), r) for s, r in zip(spatial_size, self.roi_size)]
+        interval = [r if r == s else max(1, int(r * (1 - self.config.overlap))) for s, r in zip(size, self.roi_size)]
+        return len(dense_patch_slices(size, self.roi_size, interval))
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dev = self.device.type
+        if dev == "cuda" and self.amp:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        if dev == "cpu" and self.amp_on_cpu:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- the model on one batch of windows ----------------------------------------------------------
+    def _window_forward(self, windows: Tensor) -> Tensor:
+        """``(n, T*C, x, y, z)`` windows -> probabilities ``(n, T*K, x, y, z)`` (float32; TTA-averaged)."""
+        n, folded = windows.shape[:2]
+        frames = folded // self.in_channels
+        x = windows.view(n, frames, self.in_channels, *windows.shape[2:])
+        flips = _INPLANE_FLIPS if self.config.tta else ((),)
+        total: Optional[Tensor] = None
+        for dims in flips:
+            with self._autocast():
+                logits = self.model(x.flip(dims) if dims else x)
+            if isinstance(logits, (list, tuple)):  # deep supervision: full resolution first
+                logits = logits[0]
+            probs = torch.softmax(logits.float(), dim=2)
+            if dims:
+                probs = probs.flip(dims)
+            total = probs if total is None else total.add_(probs)
+        assert total is not None
+        if len(flips) > 1:
+            total /= len(flips)
+        if self._bar is not None:
+            self._bar.update(n)
+        return total.reshape(n, frames * self.num_classes, *total.shape[3:])
+
+    # -- one case -----------------------------------------------------------------------------------
+    def predict_case(self, image: Tensor, description: Optional[str] = None) -> Tensor:
+        """Softmax probabilities of one preprocessed cine.
+
+        Args:
+            image: ``(1, T, X, Y, Z)`` or ``(T, X, Y, Z)`` (C = 1), or ``(1, T, C, X, Y, Z)``; a MetaTensor
+                is fine (its metadata is not used). Any spatial size: windows are padded at the border.
+            description: label of the progress bar (e.g. the case id).
+
+        Returns:
+            float32 probabilities ``(1, T, K, X, Y, Z)`` summing to 1 over ``K``, on :attr:`device`, or on the
+            CPU when stitched there (see :meth:`stitch_device`). Gradients are off.
+        """
+        x = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+        if x.dim() == 4:
+            x = x.unsqueeze(0)
+        if x.dim() == 5:
+            x = x.unsqueeze(2)
+        if x.dim() != 6 or x.shape[0] != 1:
+            raise DataError(
+                None,
+                f"predict_case expects one preprocessed cine (1, T, X, Y, Z) or (1, T, C, X, Y, Z), got shape {tuple(image.shape)}",
+            )
+        frames, channels, spatial = x.shape[1], x.shape[2], tuple(x.shape[3:])
+        if channels != self.in_channels:
+            raise DataError(
+                None, f"the model expects {self.in_channels} image channel(s) per frame, the input has {channels}"
+            )
+        stitch = self.stitch_device(frames, spatial)
+        x = x.to(device=stitch if stitch.type == "cpu" else self.device, dtype=torch.float32)
+        windows = time_windows(frames, self.frames_per_pass(frames), self.config.time_overlap, self.causal)
+        inferer = SlidingWindowInferer(
+            roi_size=self.roi_size,
+            sw_batch_size=self.config.sw_batch_size,
+            overlap=self.config.overlap,
+            mode="gaussian",
+            sw_device=self.device,
+            device=stitch,
+        )
+        was_training = self.model.training
+        self.model.eval()
+        total_windows = len(windows) * self._num_spatial_windows(spatial)
+        self._bar = tqdm(total=total_windows, desc=description or "case", unit="window", leave=False) if self.progress else None
+        try:
+            with torch.inference_mode():
+                out: Optional[Tensor] = None
+                weight_sum: Optional[Tensor] = None
+                for tw in windows:
+                    part = x[:, tw.start : tw.stop].reshape(1, (tw.stop - tw.start) * channels, *spatial)
+                    probs = inferer(part, self._window_forward)
+                    probs = probs.view(1, tw.stop - tw.start, self.num_classes, *spatial)
+                    if len(windows) == 1:
+                        out = probs
+                        break
+                    if out is None:
+                        out = torch.zeros(1, frames, self.num_classes, *spatial, device=stitch)
+                        weight_sum = torch.zeros(frames, device=stitch)
+                    w = tw.weights.to(stitch)
+                    out[:, tw.start : tw.stop] += probs * w.view(1, -1, 1, 1, 1, 1)
+                    weight_sum[tw.start : tw.stop] += w  # type: ignore[index]
+                assert out is not None
+                if weight_sum is not None:
+                    out /= weight_sum.view(1, -1, 1, 1, 1, 1)
+        finally:
+            self.model.train(was_training)
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = None
+        return out.as_tensor() if hasattr(out, "as_tensor") else out
