@@ -1,0 +1,199 @@
+"""Inference: sliding window over space, time windows, TTA, post-processing, ``run_prediction`` on files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trunet.errors import DataError
+from trunet.models import TimeResolvedUNet
+from trunet.pipeline.config import InferConfig
+from trunet.pipeline.infer import Predictor, time_windows
+from trunet.pipeline.postprocess import keep_largest_components, probabilities_to_labels
+
+CLASSES = ["background", "RV", "MYO", "LV"]
+
+
+def tiny_model(seed: int = 0, clstm_levels="all", bidirectional: bool = False) -> TimeResolvedUNet:
+    torch.manual_seed(seed)
+    return TimeResolvedUNet(
+        in_channels=1,
+        out_channels=len(CLASSES),
+        channels=[4, 8],
+        strides=[(2, 2, 1)],
+        clstm_levels=clstm_levels,
+        bidirectional=bidirectional,
+    ).eval()
+
+
+def preprocessing(patch=(8, 8, 2), time_window: int = 3) -> dict:
+    return {"patch_size": list(patch), "time_window": time_window, "classes": CLASSES}
+
+
+def reference(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """Whole-volume, whole-series softmax of ``image`` ``(1, T, X, Y, Z)`` -> ``(1, T, K, X, Y, Z)``."""
+    with torch.no_grad():
+        return torch.softmax(model(image.unsqueeze(2)), dim=2)
+
+
+# -- time windows ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("frames,window,context", [(10, 4, 2), (7, 3, 1), (30, 8, 2), (9, 4, 0), (5, 5, 2)])
+def test_time_windows_cover_every_frame(frames, window, context, causal):
+    windows = time_windows(frames, window, context, causal=causal)
+    covered = torch.zeros(frames)
+    for w in windows:
+        assert w.stop - w.start == min(window, frames)
+        assert 0 <= w.start < w.stop <= frames
+        covered[w.start : w.stop] += w.weights
+    assert torch.all(covered > 0), covered
+    assert windows[0].start == 0 and windows[-1].stop == frames
+    if causal and len(windows) > 1 and context:
+        # warm-up frames of later windows are context only
+        assert all(torch.all(w.weights[:context] == 0) for w in windows[1:])
+    if not causal and context and len(windows) > 1:
+        # regular overlaps (before the shifted last window) blend linearly to a total weight of exactly one
+        head = windows[-1].start
+        torch.testing.assert_close(covered[:head], torch.ones(head))
+
+
+def test_time_windows_whole_series():
+    for window in (None, 0, 12, 40):
+        (w,) = time_windows(12, window, 2)
+        assert (w.start, w.stop) == (0, 12) and torch.all(w.weights == 1)
+
+
+# -- the predictor on tensors -----------------------------------------------------------------------------
+
+
+def test_sliding_window_equals_whole_volume_when_one_window_covers_the_image():
+    model = tiny_model()
+    image = torch.randn(1, 5, 8, 8, 2)  # exactly the patch: one window, Gaussian weights cancel
+    predictor = Predictor(model, preprocessing(), InferConfig(overlap=0.5))
+    probs = predictor.predict_case(image)
+    assert probs.shape == (1, 5, 4, 8, 8, 2) and probs.dtype == torch.float32
+    torch.testing.assert_close(probs, reference(model, image), rtol=0, atol=1e-6)
+    torch.testing.assert_close(probs.sum(2), torch.ones(1, 5, 8, 8, 2))
+    # the (T, X, Y, Z) form and a MetaTensor-free plain tensor give the same
+    torch.testing.assert_close(predictor.predict_case(image[0]), probs)
+
+
+def test_sliding_window_on_a_larger_image_is_a_blend_of_patch_predictions():
+    model = tiny_model(clstm_levels=[])  # per-frame UNet: frames are independent
+    image = torch.randn(1, 3, 20, 12, 3)  # larger than the patch in x, y, z; z pads nothing
+    predictor = Predictor(model, preprocessing(), InferConfig(overlap=0.5, sw_batch_size=3))
+    probs = predictor.predict_case(image)
+    assert probs.shape == (1, 3, 4, 20, 12, 3)
+    torch.testing.assert_close(probs.sum(2), torch.ones(1, 3, 20, 12, 3))
+    # a voxel covered by a single window (the corner) equals that window's own prediction
+    corner = reference(model, image[..., :8, :8, :2])
+    torch.testing.assert_close(probs[..., 0, 0, 0], corner[..., 0, 0, 0], rtol=0, atol=1e-6)
+
+
+def test_time_windows_agree_with_a_single_pass_where_the_series_fits():
+    model = tiny_model()
+    image = torch.randn(1, 4, 8, 8, 2)
+    single = Predictor(model, preprocessing(), InferConfig(), time_window=None).predict_case(image)
+    for window in (4, 6):  # the series fits in one window
+        windowed = Predictor(model, preprocessing(), InferConfig(), time_window=window).predict_case(image)
+        torch.testing.assert_close(windowed, single, rtol=0, atol=0)
+    auto = Predictor(model, preprocessing(), InferConfig()).predict_case(image)  # "auto": one pass
+    torch.testing.assert_close(auto, single, rtol=0, atol=0)
+
+
+def test_time_windows_blend_exactly_for_a_frame_independent_model():
+    """Without recurrence every frame's output is the same in any window: the blending must reproduce it."""
+    model = tiny_model(clstm_levels=[])
+    image = torch.randn(1, 11, 8, 8, 2)
+    single = reference(model, image)
+    for causal_flag in (True, False):
+        predictor = Predictor(model, preprocessing(), InferConfig(time_overlap=2), time_window=4)
+        predictor.causal = causal_flag
+        torch.testing.assert_close(predictor.predict_case(image), single, rtol=0, atol=1e-6)
+
+
+def test_a_long_series_through_time_windows_is_sensible():
+    model = tiny_model()
+    image = torch.randn(1, 10, 8, 8, 2)
+    single = reference(model, image)
+    windowed = Predictor(model, preprocessing(), InferConfig(time_overlap=2), time_window=4).predict_case(image)
+    assert windowed.shape == single.shape
+    assert torch.isfinite(windowed).all()
+    torch.testing.assert_close(windowed.sum(2), torch.ones(1, 10, 8, 8, 2))
+    # the causal model's first window sees exactly what the single pass sees
+    torch.testing.assert_close(windowed[:, :4], single[:, :4], rtol=0, atol=1e-6)
+    # later frames have 2 frames of warm-up instead of the whole past: close, not identical
+    assert not torch.equal(windowed[:, 4:], single[:, 4:])
+    assert (windowed - single).abs().mean() < 0.1
+    # auto mode with a tiny budget falls back to time windows of at least the training window
+    predictor = Predictor(model, preprocessing(time_window=3), InferConfig(), pass_voxel_budget=8 * 8 * 2 * 5)
+    assert predictor.frames_per_pass(10) == 5 and predictor.frames_per_pass(5) is None
+
+
+def test_tta_is_the_average_of_the_mirrored_passes_and_flip_equivariant():
+    model = tiny_model()
+    image = torch.randn(1, 3, 8, 8, 2)
+    tta = Predictor(model, preprocessing(), InferConfig(tta=True)).predict_case(image)
+    expected = torch.zeros_like(tta)
+    for dims in [(), (2,), (3,), (2, 3)]:  # x, y of (1, T, X, Y, Z)
+        flipped = image.flip(dims) if dims else image
+        p = reference(model, flipped)
+        expected += p.flip([d + 1 for d in dims]) if dims else p  # (1, T, K, X, Y, Z): spatial dims shift by one
+    torch.testing.assert_close(tta, expected / 4, rtol=0, atol=1e-6)
+    # TTA over the mirror group makes the prediction mirror-equivariant; a single pass is not
+    for dims in [(2,), (3,)]:
+        mirrored = Predictor(model, preprocessing(), InferConfig(tta=True)).predict_case(image.flip(dims))
+        torch.testing.assert_close(mirrored, tta.flip([d + 1 for d in dims]), rtol=0, atol=1e-6)
+    plain = Predictor(model, preprocessing(), InferConfig(tta=False))
+    assert not torch.allclose(plain.predict_case(image.flip((2,))), plain.predict_case(image).flip((3,)), atol=1e-4)
+
+
+def test_predictor_restores_training_mode_and_checks_channels():
+    model = tiny_model().train()
+    predictor = Predictor(model, preprocessing(), InferConfig())
+    predictor.predict_case(torch.randn(1, 2, 8, 8, 2))
+    assert model.training
+    with pytest.raises(DataError, match="channel"):
+        predictor.predict_case(torch.randn(1, 2, 3, 8, 8, 2))  # 3 channels per frame, model takes 1
+    with pytest.raises(DataError, match=r"\(1, T, X, Y, Z\)"):
+        predictor.predict_case(torch.randn(8, 8, 2))
+
+
+def test_large_outputs_are_stitched_on_the_cpu():
+    predictor = Predictor(tiny_model(), preprocessing(), InferConfig(cpu_stitch_voxels=1000))
+    assert predictor.stitch_device(5, (8, 8, 2)).type == "cpu"  # 5 * 4 * 128 > 1000
+    assert predictor.stitch_device(1, (8, 8, 2)) == predictor.device
+
+
+# -- post-processing ----------------------------------------------------------------------------------------
+
+
+def test_largest_component_removes_isolated_blobs_per_class_and_frame():
+    labels = np.zeros((2, 12, 12, 3), dtype=np.uint8)
+    labels[:, 2:6, 2:6, :] = 3  # the LV, both frames
+    labels[:, 3:5, 3:5, 1] = 2  # an inner part of another class (not a separate blob of class 3)
+    labels[0, 10, 10, 2] = 3  # a one-voxel LV blob far away in frame 0
+    labels[1, 9:11, 0:2, 0] = 1  # the RV only in frame 1: its only component stays
+    labels[1, 0, 11, 0] = 1  # and a stray RV voxel in frame 1
+    cleaned = keep_largest_components(labels, classes=[1, 2, 3])
+    assert cleaned.dtype == labels.dtype and cleaned.shape == labels.shape
+    assert cleaned[0, 10, 10, 2] == 0 and cleaned[1, 0, 11, 0] == 0
+    expected = labels.copy()
+    expected[0, 10, 10, 2] = 0
+    expected[1, 0, 11, 0] = 0
+    np.testing.assert_array_equal(cleaned, expected)
+    # diagonal (26-) neighbours are one component: nothing removed
+    diagonal = np.zeros((1, 4, 4, 2), dtype=np.uint8)
+    diagonal[0, 0, 0, 0] = diagonal[0, 1, 1, 1] = 2
+    np.testing.assert_array_equal(keep_largest_components(diagonal), diagonal)
+
+
+def test_probabilities_to_labels_breaks_ties_towards_background():
+    probs = torch.zeros(2, 4, 3, 3, 1)
+    probs[:, 2, 1, 1, 0] = 0.9
+    labels = probabilities_to_labels(probs)
+    assert labels.dtype == np.uint8 and labels.shape == (2, 3, 3, 1)
+    assert labels[0, 1, 1, 0] == 2 and labels.sum() == 4
