@@ -1,0 +1,211 @@
+"""Checkpoints: one self-contained, atomically written file per save.
+
+A checkpoint is a plain dict saved with :func:`torch.save` and read back with ``weights_only=True``
+(no pickled code runs when a checkpoint is opened; everything inside is tensors, numbers, strings,
+lists and dicts). Keys:
+
+==================  ==========================================================================
+``format_version``  :data:`FORMAT_VERSION`; a newer or older layout is refused with a clear error
+``trunet_version``  the package version that wrote it
+``model_state``     ``model.state_dict()`` (never the DDP wrapper's ``module.`` names)
+``model_hparams``   ``in_channels``, ``out_channels`` and the :class:`ModelConfig` fields
+``config``          the resolved config as a plain dict
+``classes``         class names by label value
+``preprocessing``   what ``predict`` needs to prepare an image (spacing, normalisation, patch, ...)
+``optimizer`` ...   ``optimizer``, ``scaler``, ``scheduler`` state dicts (``scaler`` may be None)
+``epoch``           completed epochs (resume starts at this epoch)
+``iteration``       optimizer steps taken in total
+``rng``             :func:`capture_rng_state` (python, numpy, torch CPU, CUDA when present)
+``best_metric``     best mean validation Dice so far (None before the first validation)
+``metrics``         the per-epoch metric rows written to ``metrics.csv`` so far
+==================  ==========================================================================
+
+Trainers may add keys (e.g. ``epoch_iteration`` for a mid-epoch stop); readers ignore unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from trunet import __version__
+from trunet.atomic import atomic_path
+from trunet.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "REQUIRED_KEYS",
+    "save_checkpoint",
+    "load_checkpoint",
+    "model_hparams",
+    "model_from_hparams",
+    "build_model",
+    "capture_rng_state",
+    "restore_rng_state",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Layout version of the payload; bump it when a key changes meaning."""
+
+REQUIRED_KEYS = ("format_version", "model_state", "model_hparams", "classes")
+"""Keys without which a file is not a trunet checkpoint (enough for ``predict``)."""
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically and return the path.
+
+    The payload goes to a temporary file in the same folder, which is flushed and fsynced, then renamed
+    over ``path`` (:func:`trunet.atomic.atomic_path`): a job killed at any moment leaves either the
+    previous checkpoint or the new one, never a truncated file. ``format_version`` and
+    ``trunet_version`` are filled in when missing.
+    """
+    payload = dict(payload)
+    payload.setdefault("format_version", FORMAT_VERSION)
+    payload.setdefault("trunet_version", __version__)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return Path(path)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    classes: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: the ``.pt`` file.
+        map_location: where tensors land (``"cpu"`` by default).
+        classes: when given, the class names the caller expects; a checkpoint trained for another
+            number of classes is refused.
+
+    Raises:
+        CheckpointError: the file is missing, is not a readable checkpoint (truncated, not a torch
+            file, not a trunet payload), has another ``format_version``, or its class count does not
+            match its model or ``classes``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint not found")
+    try:
+        payload = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - arbitrary bytes make torch.load fail in arbitrary ways
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{p}: not a readable checkpoint (corrupt or truncated file?): {first_line}") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{p}: not a trunet checkpoint (holds a {type(payload).__name__}, not a dict)")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{p}: not a trunet checkpoint (missing {', '.join(missing)})")
+    version = payload["format_version"]
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{p}: checkpoint format {version} is incompatible with this trunet "
+            f"(reads format {FORMAT_VERSION}; written by trunet {payload.get('trunet_version', '?')})"
+        )
+    n_classes = len(payload["classes"])
+    out_channels = payload["model_hparams"].get("out_channels")
+    if out_channels != n_classes:
+        raise CheckpointError(
+            f"{p}: inconsistent checkpoint: the model has {out_channels} output channels "
+            f"but {n_classes} class names {list(payload['classes'])}"
+        )
+    if classes is not None and len(classes) != n_classes:
+        raise CheckpointError(
+            f"{p}: incompatible checkpoint: trained for {n_classes} classes {list(payload['classes'])}, "
+            f"the config has {len(classes)} {list(classes)}"
+        )
+    return payload
+
+
+def model_hparams(config: Any) -> dict[str, Any]:
+    """Constructor arguments of the model for a :class:`~trunet.pipeline.config.Config` (plain types)."""
+    return {"in_channels": 1, "out_channels": len(config.data.classes), **config.to_dict()["model"]}
+
+
+def model_from_hparams(hparams: dict[str, Any]) -> torch.nn.Module:
+    """A fresh (untrained) :class:`trunet.models.TimeResolvedUNet` from ``model_hparams``.
+
+    The :class:`ModelConfig` part is validated (and lists turned into tuples) by the config loader,
+    so a hand-edited or old checkpoint fails with a clear error instead of deep in the model.
+    """
+    from trunet.models import TimeResolvedUNet
+    from trunet.pipeline.config import config_from_dict
+
+    hparams = dict(hparams)
+    in_channels = hparams.pop("in_channels", 1)
+    out_channels = hparams.pop("out_channels")
+    model_config = config_from_dict({"model": hparams}, source="checkpoint model_hparams").model
+    return TimeResolvedUNet(
+        in_channels=in_channels, out_channels=out_channels, **dataclasses.asdict(model_config)
+    )
+
+
+def build_model(checkpoint_payload: dict[str, Any]) -> torch.nn.Module:
+    """The trained model of a checkpoint payload (from :func:`load_checkpoint`), in eval mode on CPU.
+
+    Raises:
+        CheckpointError: the hyper-parameters are invalid or the weights do not fit the model.
+    """
+    try:
+        model = model_from_hparams(checkpoint_payload["model_hparams"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint model_hparams are not usable: {exc}") from None
+    try:
+        model.load_state_dict(checkpoint_payload["model_state"])
+    except RuntimeError as exc:
+        summary = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"checkpoint weights do not fit its model: {summary}") from None
+    return model.eval()
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """All random states a training step can touch, as tensors and plain lists.
+
+    Returns a dict with ``python`` (``random.getstate()`` as lists), ``numpy`` (the legacy global
+    ``np.random`` state: name, key as an int64 tensor, pos, has_gauss, cached_gaussian), ``torch``
+    (CPU generator state) and, when CUDA is initialised, ``cuda`` (one state per visible device).
+    Plain types keep the checkpoint loadable with ``weights_only=True``.
+    """
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_key, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np_key.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` captured (CUDA only where the device count matches)."""
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    np_name, np_key, np_pos, np_has_gauss, np_cached = state["numpy"]
+    np_key = np.asarray(np_key.cpu() if isinstance(np_key, torch.Tensor) else np_key).astype(np.uint32)
+    np.random.set_state((np_name, np_key, int(np_pos), int(np_has_gauss), float(np_cached)))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda")
+    if cuda_states is not None and torch.cuda.is_available():
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+        else:
+            logger.warning(
+                "checkpoint holds CUDA random states for %d devices, %d are visible: CUDA states not restored",
+                len(cuda_states), torch.cuda.device_count(),
+            )
