@@ -1,0 +1,447 @@
+"""Cases and datasets: where the cases come from, how they are split, and the MONAI datasets/loaders.
+
+Sources (``data.root``):
+1. a Decathlon-style datalist JSON ``{"training": [...], "validation": [...], "test": [...]}``; items have
+   ``image`` and optionally ``label`` (a 4D file, or ``{frame (0-based): 3D file}``), ``frames`` (the
+   labelled frames of a dense 4D label), ``case_id``, ``ed``/``es`` (0-based); other keys are ignored;
+   relative paths are relative to the JSON's folder;
+2. an ACDC-layout root (``patientNNN/Info.cfg``, ``patientNNN_4d.nii.gz``, ``patientNNN_frameFF_gt.nii.gz``
+   at ED and ES; optional ``training/`` and ``testing/`` sub-folders): sparse ED/ES labels;
+3. ``None``: the built-in phantom, generated once under ``work_dir/phantom``.
+
+A case record is a plain dict ``{"case_id": str, "image": str, "label": str | {int: str} | None,
+"frames": [int] | None, "ed": int | None, "es": int | None}``.
+
+Cheap header checks run when cases are resolved (shapes, affines, frame indices, 3D images, duplicates);
+voxel checks (NaN, label values, truncated data) run when a case is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+
+from trunet.atomic import write_json
+from trunet.errors import DataError
+from trunet.pipeline.config import Config, DataConfig
+from trunet.transforms.cardiac import case_id_from_path
+from trunet.transforms.compose import inference_transforms, preprocessing_from_config, train_transforms
+from trunet.transforms.io import CineMeta, read_header
+
+__all__ = [
+    "CaseLists",
+    "read_datalist",
+    "read_acdc_root",
+    "parse_info_cfg",
+    "validate_cases",
+    "resolve_cases",
+    "split_cases",
+    "median_target_spacing",
+    "build_train_loader",
+    "build_eval_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+_LISTS = ("training", "validation", "test")
+
+
+@dataclass
+class CaseLists:
+    """Case records per list (see the module docstring) and where they came from."""
+
+    training: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    test: list[dict] = field(default_factory=list)
+    source: str = ""
+
+    def all(self) -> list[dict]:
+        return self.training + self.validation + self.test
+
+
+# --- sources -------------------------------------------------------------------------------------------------
+
+
+def _resolve_path(base: Path, value: Any, where: str) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise DataError(where, f"expected a file path, got {value!r}")
+    p = Path(value)
+    return str(p if p.is_absolute() else base / p)
+
+
+def _record_from_item(item: Any, base: Path, where: str) -> dict:
+    if isinstance(item, str):
+        item = {"image": item}
+    if not isinstance(item, dict) or "image" not in item:
+        raise DataError(where, f"each item needs an 'image' path, got {item!r}"[:300])
+    image = _resolve_path(base, item["image"], where)
+    label = item.get("label")
+    if isinstance(label, dict):
+        mapping = {}
+        for k, v in label.items():
+            try:
+                frame = int(k)
+            except (TypeError, ValueError):
+                raise DataError(where, f"label frame key {k!r} of {image} is not an integer frame index") from None
+            mapping[frame] = _resolve_path(base, v, where)
+        label = mapping
+    elif label is not None:
+        label = _resolve_path(base, label, where)
+    frames = item.get("frames")
+    if frames is not None:
+        if not isinstance(frames, list) or not all(isinstance(f, int) and not isinstance(f, bool) for f in frames):
+            raise DataError(where, f"'frames' of {image} must be a list of 0-based frame indices, got {frames!r}")
+    elif isinstance(label, dict):
+        frames = sorted(label)
+    return {
+        "case_id": str(item.get("case_id") or case_id_from_path(image)),
+        "image": image,
+        "label": label,
+        "frames": frames,
+        "ed": None if item.get("ed") is None else int(item["ed"]),
+        "es": None if item.get("es") is None else int(item["es"]),
+    }
+
+
+def read_datalist(path: str | os.PathLike) -> CaseLists:
+    """Parse a Decathlon-style datalist JSON into case records (no file checks; see :func:`validate_cases`).
+
+    Raises:
+        DataError: unreadable or invalid JSON, a list that is not a list, an item without ``image``, a
+            datalist with no cases at all.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(p, "datalist not found")
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(p, f"not a valid JSON datalist ({exc})") from None
+    if not isinstance(doc, dict):
+        raise DataError(p, "a datalist must be a JSON object with 'training'/'validation'/'test' lists")
+    lists = CaseLists(source=f"datalist {p}")
+    for name in _LISTS:
+        items = doc.get(name) or []
+        if not isinstance(items, list):
+            raise DataError(p, f"'{name}' must be a list of items")
+        setattr(lists, name, [_record_from_item(it, p.parent, str(p)) for it in items])
+    if not lists.all():
+        raise DataError(p, "empty datalist: no cases in 'training', 'validation' or 'test'")
+    return lists
+
+
+def parse_info_cfg(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an ACDC ``Info.cfg`` (``key: value`` lines). Returns keys as written; ED, ES, NbFrame as int.
+
+    Raises:
+        DataError: missing file, or ED/ES/NbFrame missing, not integers, or out of 1..NbFrame.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(p, "Info.cfg not found")
+    info: dict[str, Any] = {}
+    for line in p.read_text(errors="replace").splitlines():
+        if ":" in line:
+            key, value = line.split(":", 1)
+            info[key.strip()] = value.strip()
+    for key in ("ED", "ES", "NbFrame"):
+        if key not in info:
+            raise DataError(p, f"missing '{key}:' line")
+        try:
+            info[key] = int(float(info[key]))
+        except ValueError:
+            raise DataError(p, f"'{key}' is not an integer ({info[key]!r})") from None
+    for key in ("ED", "ES"):
+        if not 1 <= info[key] <= info["NbFrame"]:
+            raise DataError(p, f"{key} = {info[key]} is outside frames 1..{info['NbFrame']} (ACDC frames count from 1)")
+    return info
+
+
+_PATIENT = re.compile(r"^patient\d+$")
+
+
+def _acdc_patients(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and _PATIENT.match(d.name) and (d / "Info.cfg").exists())
+
+
+def _acdc_record(patient: Path) -> dict:
+    info = parse_info_cfg(patient / "Info.cfg")
+    name = patient.name
+    image = patient / f"{name}_4d.nii.gz"
+    if not image.exists():
+        alt = patient / f"{name}_4d.nii"
+        image = alt if alt.exists() else image
+    ed, es = info["ED"] - 1, info["ES"] - 1
+    label: dict[int, str] = {}
+    for frame in sorted({ed, es}):
+        for suffix in (".nii.gz", ".nii"):
+            gt = patient / f"{name}_frame{frame + 1:02d}_gt{suffix}"
+            if gt.exists():
+                label[frame] = str(gt)
+                break
+    return {"case_id": name, "image": str(image), "label": label or None, "frames": sorted(label) or None,
+            "ed": ed, "es": es}
+
+
+def read_acdc_root(root: str | os.PathLike) -> CaseLists:
+    """Case records of an ACDC-layout root: ``root/patientNNN/`` or ``root/{training,testing}/patientNNN/``.
+
+    Labels are the ED and ES ``_gt`` files (frames from ``Info.cfg``, made 0-based); a patient without
+    them has ``label: None``. Patients directly under ``root`` or under ``training/`` are training cases,
+    those under ``testing/`` are test cases.
+
+    Raises:
+        DataError: no patient folder with an ``Info.cfg``; a bad ``Info.cfg``.
+    """
+    r = Path(root)
+    lists = CaseLists(source=f"ACDC root {r}")
+    lists.training = [_acdc_record(p) for p in _acdc_patients(r)]
+    if (r / "training").is_dir():
+        lists.training += [_acdc_record(p) for p in _acdc_patients(r / "training")]
+    if (r / "testing").is_dir():
+        lists.test = [_acdc_record(p) for p in _acdc_patients(r / "testing")]
+    if not lists.all():
+        raise DataError(r, "no ACDC patient folders (patientNNN/ with Info.cfg) found")
+    return lists
+
+
+def _is_acdc_root(root: Path) -> bool:
+    return any(_acdc_patients(d) for d in (root, root / "training", root / "testing") if d.is_dir())
+
+
+def _phantom_lists(config: DataConfig, work_dir: Path) -> CaseLists:
+    out = work_dir / "phantom"
+    marker = out / "trunet_phantom.json"
+    wanted = {"cases": config.phantom_cases, "seed": config.phantom_seed}
+    datalist = out / "datalist.json"
+    if not (datalist.is_file() and marker.is_file() and json.loads(marker.read_text()) == wanted):
+        from trunet.data.phantom import write_phantom_dataset
+
+        logger.info("generating %d phantom cases (seed %d) in %s", config.phantom_cases, config.phantom_seed, out)
+        datalist = Path(write_phantom_dataset(out, cases=config.phantom_cases, seed=config.phantom_seed))
+        write_json(marker, wanted)
+    lists = read_datalist(datalist)
+    lists.source = f"phantom ({config.phantom_cases} cases, seed {config.phantom_seed}) in {out}"
+    return lists
+
+
+# --- checks --------------------------------------------------------------------------------------------------
+
+
+def _check_case(case: dict, allow_3d: bool) -> CineMeta:
+    meta = read_header(case["image"])
+    if meta.ndim == 3 and not allow_3d:
+        raise DataError(
+            case["image"], f"is a 3D image {meta.spatial_shape}; a cine (x, y, z, t) is expected "
+            "(set data.allow_3d: true to use a 3D image as a cine of one frame)"
+        )
+    t = meta.n_frames
+    label = case.get("label")
+
+    def check_geometry(lab: CineMeta) -> None:
+        if lab.spatial_shape != meta.spatial_shape:
+            raise DataError(lab.path, f"label shape {lab.spatial_shape} differs from the image's "
+                                      f"{meta.spatial_shape} ({meta.path})")
+        if not np.allclose(lab.affine, meta.affine, atol=1e-3, rtol=1e-4):
+            raise DataError(lab.path, f"label affine differs from the image's ({meta.path})")
+
+    if isinstance(label, dict):
+        for frame, path in label.items():
+            if not 0 <= int(frame) < t:
+                raise DataError(path, f"label frame index {frame} is out of range for {meta.path} with {t} frames "
+                                      "(0-based)")
+            lab = read_header(path)
+            if lab.n_frames != 1:
+                raise DataError(path, f"a per-frame label must be 3D, got shape {lab.shape}")
+            check_geometry(lab)
+    elif label is not None:
+        lab = read_header(label)
+        check_geometry(lab)
+        if lab.n_frames != t:
+            raise DataError(label, f"label has {lab.n_frames} frames, the image {meta.path} has {t}")
+    for key in ("frames",):
+        bad = [f for f in case.get(key) or [] if not 0 <= int(f) < t]
+        if bad:
+            raise DataError(case["image"], f"labelled frame indices {bad} are out of range for {t} frames (0-based)")
+    for key in ("ed", "es"):
+        value = case.get(key)
+        if value is not None and not 0 <= int(value) < t:
+            raise DataError(case["image"], f"{key.upper()} frame {value} is out of range for {t} frames (0-based)")
+    return meta
+
+
+def validate_cases(lists: CaseLists, data_config: DataConfig) -> None:
+    """Header-level checks of every case (no voxel data read).
+
+    Raises:
+        DataError: duplicate case ids, missing/unreadable files, 3D images where a cine is expected,
+            image/label shape or affine mismatch, frame indices out of range.
+    """
+    seen: dict[str, str] = {}
+    for case in lists.all():
+        cid = case["case_id"]
+        if cid in seen:
+            raise DataError(case["image"], f"duplicate case id '{cid}' (also used by {seen[cid]})")
+        seen[cid] = case["image"]
+    for case in lists.all():
+        _check_case(case, data_config.allow_3d)
+
+
+# --- public --------------------------------------------------------------------------------------------------
+
+
+def split_cases(cases: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Patient-level split, reproducible from ``seed`` and independent of the input order.
+
+    Returns:
+        ``(training, validation)``; validation has ``round(val_fraction * n)`` cases (at least 1 when
+        ``val_fraction > 0`` and ``n >= 2``; training keeps at least 1). Both sorted by case id.
+    """
+    ordered = sorted(cases, key=lambda c: c["case_id"])
+    n = len(ordered)
+    if val_fraction <= 0 or n < 2:
+        return ordered, []
+    n_val = min(n - 1, max(1, int(round(val_fraction * n))))
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    val_idx = set(idx[:n_val])
+    return [c for i, c in enumerate(ordered) if i not in val_idx], [c for i, c in enumerate(ordered) if i in val_idx]
+
+
+def resolve_cases(data_config: DataConfig, work_dir: str | os.PathLike) -> CaseLists:
+    """The case lists of ``data_config.root`` (datalist JSON, ACDC root, or the phantom when ``None``).
+
+    When the source has no validation list and ``val_fraction > 0``, the training list is split by
+    patient (:func:`split_cases` with ``split_seed``). Every case is header-checked
+    (:func:`validate_cases`). The lists' case ids are written to ``work_dir/splits.json``.
+
+    Returns:
+        :class:`CaseLists` with ``.training``, ``.validation``, ``.test`` lists of case records.
+    Raises:
+        DataError: missing root, unrecognised folder, empty datalist, any header check.
+    """
+    work = Path(work_dir)
+    root = data_config.root
+    if root is None:
+        lists = _phantom_lists(data_config, work)
+    else:
+        r = Path(root)
+        if r.is_file():
+            lists = read_datalist(r)
+        elif r.is_dir():
+            if _is_acdc_root(r):
+                lists = read_acdc_root(r)
+            elif (r / "datalist.json").is_file():
+                lists = read_datalist(r / "datalist.json")
+            else:
+                raise DataError(r, "neither an ACDC-layout root (patientNNN/Info.cfg) nor a folder with datalist.json")
+        else:
+            raise DataError(r, "data root not found")
+    validate_cases(lists, data_config)
+    if not lists.validation and lists.training:
+        lists.training, lists.validation = split_cases(lists.training, data_config.val_fraction, data_config.split_seed)
+    write_json(work / "splits.json", {
+        "source": lists.source,
+        "split_seed": data_config.split_seed,
+        "val_fraction": data_config.val_fraction,
+        **{name: [c["case_id"] for c in getattr(lists, name)] for name in _LISTS},
+    })
+    logger.info("%s: %d training, %d validation, %d test cases", lists.source, len(lists.training),
+                len(lists.validation), len(lists.test))
+    return lists
+
+
+def median_target_spacing(cases: list[dict]) -> tuple[float, float, float]:
+    """Median voxel spacing (x, y, z) in mm over ``cases``, from headers only (nnU-Net's choice for ACDC:
+    the median in-plane spacing, the slice spacing kept at its median).
+
+    Raises:
+        DataError: no cases, or an unreadable header.
+    """
+    if not cases:
+        raise DataError(None, "no cases to compute a target spacing from")
+    spacings = np.array([read_header(c["image"]).spacing for c in cases], dtype=np.float64)
+    return tuple(float(v) for v in np.median(spacings, axis=0))  # type: ignore[return-value]
+
+
+def _check_trainable(cases: list[dict]) -> None:
+    if not cases:
+        raise DataError(None, "no training cases")
+    for c in cases:
+        if c.get("label") is None:
+            raise DataError(c["image"], f"training case '{c['case_id']}' has no label")
+
+
+def _make_dataset(cases: list[dict], transform, cache: str, cache_dir: Optional[str | os.PathLike],
+                  preprocessing: dict, tag: str) -> Dataset:
+    if cache == "memory":
+        return CacheDataset(cases, transform, cache_rate=1.0, num_workers=1, progress=len(cases) > 4)
+    if cache == "disk":
+        if cache_dir is None:
+            raise ValueError("data.cache = disk needs a cache_dir")
+        digest = hashlib.sha1(json.dumps({"pre": preprocessing, "tag": tag}, sort_keys=True).encode()).hexdigest()[:12]
+        # track_meta=True keeps the affine on cached reads (with False it is lost); that needs
+        # weights_only=False to unpickle MetaTensors. The cache is our own, written by this process.
+        return PersistentDataset(cases, transform, cache_dir=Path(cache_dir) / f"{tag}-{digest}", track_meta=True,
+                                 weights_only=False)
+    return Dataset(cases, transform)
+
+
+def build_train_loader(
+    config: Config,
+    cases: list[dict],
+    target_spacing: tuple[float, float, float] | list[float],
+    cache_dir: Optional[str | os.PathLike],
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """The training DataLoader: one pass = one epoch of ``train.iterations_per_epoch`` batches.
+
+    Cases are drawn with replacement (a fresh random patch, window and augmentation each time) by a
+    sampler seeded with ``train.seed`` and ``rank``, so every process draws different samples. The
+    deterministic part of :func:`~trunet.transforms.compose.train_transforms` is cached per
+    ``data.cache`` (``memory``: CacheDataset; ``disk``: PersistentDataset under ``cache_dir``; ``none``).
+
+    Yields:
+        dicts with ``image`` float32 ``(B, T_train, *patch)``, ``label`` int64 ``(B, T_train, *patch)``
+        (``ignore_index`` on unlabelled frames), ``frame_mask`` bool ``(B, T_train)``, ``case_id`` list of str.
+    Raises:
+        DataError: no cases, or a case without label.
+    """
+    _check_trainable(cases)
+    transform = train_transforms(config, target_spacing)
+    pre = preprocessing_from_config(config, target_spacing)
+    dataset = _make_dataset(cases, transform, config.data.cache, cache_dir, pre, "train")
+    t = config.train
+    generator = torch.Generator().manual_seed(int(t.seed) * 1000 + int(rank))
+    sampler = torch.utils.data.RandomSampler(
+        dataset, replacement=True, num_samples=t.iterations_per_epoch * t.batch_size, generator=generator
+    )
+    workers = int(config.data.num_workers)
+    return DataLoader(
+        dataset, batch_size=t.batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, generator=generator,
+    )
+
+
+def build_eval_dataset(config: Config, cases: list[dict], preprocessing: dict) -> Dataset:
+    """Whole preprocessed cases for validation/prediction (:func:`inference_transforms`, invertible).
+
+    Items: ``image`` float32 MetaTensor ``(T, X', Y', Z')``; ``label`` uint8 MetaTensor (when the case has
+    one); ``frame_mask`` bool ``(T,)``; ``case_id``; ``ed``/``es`` (int, -1 unknown). Cached in memory when
+    ``data.cache == "memory"``.
+    """
+    transform = inference_transforms(preprocessing)
+    cache = "memory" if config.data.cache == "memory" else "none"
+    return _make_dataset(cases, transform, cache, None, preprocessing, "eval")
