@@ -225,7 +225,12 @@ def _phantom_lists(config: DataConfig, work_dir: Path) -> CaseLists:
     marker = out / "trunet_phantom.json"
     wanted = {"cases": config.phantom_cases, "seed": config.phantom_seed}
     datalist = out / "datalist.json"
-    if not (datalist.is_file() and marker.is_file() and json.loads(marker.read_text()) == wanted):
+    if datalist.is_file():
+        if marker.is_file() and json.loads(marker.read_text()) != wanted:
+            raise DataError(out, f"holds a phantom generated with {json.loads(marker.read_text())}, the config asks "
+                                 f"for {wanted}; remove the folder or use another run folder")
+        logger.info("reusing the phantom in %s", out)
+    else:
         from trunet.data.phantom import write_phantom_dataset
 
         logger.info("generating %d phantom cases (seed %d) in %s", config.phantom_cases, config.phantom_seed, out)
