@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+from pathlib import Path
+
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from nibabel.testing import data_path as nibabel_data_path
 
-from trunet.errors import DataError
+from trunet.cli import main
+from trunet.errors import CheckpointError, DataError
 from trunet.models import TimeResolvedUNet
-from trunet.pipeline.config import InferConfig
-from trunet.pipeline.infer import Predictor, time_windows
+from trunet.pipeline.checkpoint import model_from_hparams, model_hparams, save_checkpoint
+from trunet.pipeline.config import InferConfig, config_from_dict
+from trunet.pipeline.infer import Predictor, find_inputs, run_prediction, time_windows
 from trunet.pipeline.postprocess import keep_largest_components, probabilities_to_labels
+from trunet.transforms.compose import preprocessing_from_config
 
 CLASSES = ["background", "RV", "MYO", "LV"]
 
@@ -197,3 +207,170 @@ def test_probabilities_to_labels_breaks_ties_towards_background():
     labels = probabilities_to_labels(probs)
     assert labels.dtype == np.uint8 and labels.shape == (2, 3, 3, 1)
     assert labels[0, 1, 1, 0] == 2 and labels.sum() == 4
+
+
+# -- run_prediction on files ------------------------------------------------------------------------------
+
+EXAMPLE4D = os.path.join(nibabel_data_path, "example4d.nii.gz")  # real scanner file, oblique affine, 2 frames
+
+
+def write_checkpoint(path: Path, target_spacing=(6.0, 6.0, 6.6), **payload_changes) -> Path:
+    """A checkpoint of a tiny random model, written through the checkpoint module (nothing trained)."""
+    config = config_from_dict(
+        {"model": {"channels": [4, 8], "strides": [[2, 2, 1]]}, "train": {"patch_size": [16, 16, 4], "time_window": 2}}
+    )
+    hparams = model_hparams(config)
+    torch.manual_seed(0)
+    payload = {
+        "model_state": model_from_hparams(hparams).state_dict(),
+        "model_hparams": hparams,
+        "classes": list(config.data.classes),
+        "config": config.to_dict(),
+        "preprocessing": preprocessing_from_config(config, target_spacing),
+    }
+    payload.update(payload_changes)
+    return save_checkpoint(path, payload)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def write_cine(path: Path, shape=(20, 16, 6, 3), affine=None, time_step=25.0) -> Path:
+    data = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    img = nib.Nifti1Image(data, np.diag([3.0, 3.0, 8.0, 1.0]) if affine is None else affine)
+    if len(shape) >= 4:
+        img.header.set_xyzt_units("mm", "msec")
+        zooms = list(img.header.get_zooms())
+        zooms[3] = time_step
+        img.header.set_zooms(zooms)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+    return path
+
+
+def test_prediction_on_a_scanner_file_keeps_shape_affine_and_time_step(checkpoint, tmp_path, caplog):
+    out_dir = tmp_path / "pred"
+    with caplog.at_level(logging.INFO, logger="trunet.pipeline.infer"):
+        written = run_prediction(checkpoint, EXAMPLE4D, out_dir, device="cpu", save_probabilities=True)
+    assert [p.name for p in written] == [
+        "example4d_seg.nii.gz", "example4d_prob_0_background.nii.gz", "example4d_prob_1_RV.nii.gz",
+        "example4d_prob_2_MYO.nii.gz", "example4d_prob_3_LV.nii.gz",
+    ]
+    src, seg = nib.load(EXAMPLE4D), nib.load(written[0])
+    assert seg.shape == src.shape == (128, 96, 24, 2)
+    assert seg.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(seg.affine, src.affine, rtol=0, atol=1e-6)  # oblique: off-diagonal terms
+    np.testing.assert_allclose(seg.header.get_sform(), src.header.get_sform(), atol=1e-6)
+    np.testing.assert_allclose(seg.header.get_qform(), src.header.get_qform(), atol=1e-6)
+    assert seg.header.get_zooms() == src.header.get_zooms()  # time step (pixdim[4]) included
+    assert seg.header.get_xyzt_units() == src.header.get_xyzt_units()
+    labels = np.asarray(seg.dataobj)
+    assert labels.max() < 4
+    probs = np.stack([np.asarray(nib.load(p).dataobj) for p in written[1:]])  # (K, x, y, z, t)
+    assert probs.shape == (4, 128, 96, 24, 2) and np.isfinite(probs).all()
+    assert np.all(probs.sum(0) <= 1 + 1e-4)
+    inside = probs.sum(0) > 0.999  # away from the border, the resampled probabilities still sum to one
+    assert inside.mean() > 0.5
+    # the labels are the arg-max of the probabilities (before the largest-component clean-up removed blobs)
+    kept = labels > 0
+    np.testing.assert_array_equal(probs.argmax(0)[kept & inside], labels[kept & inside])
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("example4d:")]
+    assert len(summary) == 1 and "128x96x24 x 2 frames" in summary[0] and " s on cpu" in summary[0]
+
+
+def test_postprocessing_flag_keeps_or_cleans_components(checkpoint, tmp_path):
+    image = write_cine(tmp_path / "in" / "case_4d.nii.gz", shape=(40, 32, 4, 2))
+    raw = run_prediction(checkpoint, image, tmp_path / "raw", device="cpu", postprocess=False)[0]
+    clean = run_prediction(checkpoint, image, tmp_path / "clean", device="cpu", postprocess=True)[0]
+    assert raw.name == clean.name == "case_seg.nii.gz"  # "_4d" dropped, as evaluation expects
+    raw_labels = np.moveaxis(np.asarray(nib.load(raw).dataobj), -1, 0)
+    clean_labels = np.moveaxis(np.asarray(nib.load(clean).dataobj), -1, 0)
+    np.testing.assert_array_equal(clean_labels, keep_largest_components(raw_labels, classes=[1, 2, 3]))
+    # on noise a random model makes many blobs: post-processing must have removed some of them
+    assert (clean_labels != raw_labels).any()
+
+
+def test_inputs_from_a_folder_and_a_datalist(checkpoint, tmp_path):
+    folder = tmp_path / "scans"
+    write_cine(folder / "p1" / "p1_4d.nii.gz")
+    write_cine(folder / "p1" / "p1_4d_gt.nii.gz")  # a label: skipped
+    write_cine(folder / "p1" / "p1_frame01.nii.gz", shape=(20, 16, 6))  # a per-frame file: skipped
+    write_cine(folder / "p2.nii", shape=(20, 16, 6, 2))
+    write_cine(folder / "single.nii.gz", shape=(20, 16, 6))  # 3D: skipped in a folder
+    cases = find_inputs(folder, tmp_path / "out")
+    assert [(c.case_id, c.image.name) for c in cases] == [("p1", "p1_4d.nii.gz"), ("p2", "p2.nii")]
+    written = run_prediction(checkpoint, folder, tmp_path / "out", device="cpu")
+    assert sorted(p.name for p in written) == ["p1_seg.nii.gz", "p2_seg.nii.gz"]
+    assert nib.load(written[1]).shape == (20, 16, 6, 2)
+
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({
+        "training": [{"case_id": "train1", "image": "scans/p2.nii"}],
+        "test": [{"case_id": "t1", "image": "scans/p1/p1_4d.nii.gz"}, str(folder / "p2.nii")],
+    }))
+    assert [(c.case_id, c.image.name) for c in find_inputs(datalist, tmp_path / "o")] == [
+        ("t1", "p1_4d.nii.gz"), ("p2", "p2.nii")]
+    datalist.write_text(json.dumps({"training": [{"case_id": "train1", "image": "scans/p2.nii"}], "test": []}))
+    assert [c.case_id for c in find_inputs(datalist, tmp_path / "o")] == ["train1"]
+
+
+def test_refuses_to_write_over_inputs_or_references(checkpoint, tmp_path):
+    folder = tmp_path / "scans"
+    image = write_cine(folder / "case_4d.nii.gz")
+    reference = write_cine(folder / "case_seg.nii.gz")  # e.g. a manual segmentation next to the scan
+    before = reference.read_bytes()
+    with pytest.raises(DataError, match="input folder"):
+        run_prediction(checkpoint, image, folder, device="cpu")
+    assert reference.read_bytes() == before
+    # the same folder is fine when no name collides
+    reference.unlink()
+    (written,) = run_prediction(checkpoint, image, folder, device="cpu")
+    assert written == folder / "case_seg.nii.gz" and image.exists()
+
+
+@pytest.mark.parametrize(
+    "problem,match",
+    [
+        ("missing", "checkpoint not found"),
+        ("corrupt", "not a readable checkpoint"),
+        ("version", "format 99 is incompatible"),
+        ("classes", "3 class names"),
+        ("no_preprocessing", "no preprocessing"),
+    ],
+)
+def test_bad_checkpoints_are_clear_errors(problem, match, tmp_path):
+    path = tmp_path / "bad.pt"
+    if problem == "corrupt":
+        path.write_bytes(b"PK\x03\x04 this is not a checkpoint" * 10)
+    elif problem == "version":
+        write_checkpoint(path, format_version=99)
+    elif problem == "classes":
+        write_checkpoint(path, classes=["background", "RV", "LV"])
+    elif problem == "no_preprocessing":
+        write_checkpoint(path, preprocessing=None)
+    image = write_cine(tmp_path / "case_4d.nii.gz")
+    with pytest.raises(CheckpointError, match=match):
+        run_prediction(path, image, tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_dimensionality_and_empty_inputs_are_clear_errors(checkpoint, tmp_path):
+    five_d = write_cine(tmp_path / "a" / "multi_4d.nii.gz", shape=(20, 16, 6, 3, 2))  # a channel axis
+    with pytest.raises(DataError, match="5 dimensions"):
+        run_prediction(checkpoint, five_d, tmp_path / "out", device="cpu")
+    three_d = write_cine(tmp_path / "b" / "vol.nii.gz", shape=(20, 16, 6))
+    with pytest.raises(DataError, match="3D image"):
+        run_prediction(checkpoint, three_d, tmp_path / "out", device="cpu")
+    with pytest.raises(DataError, match="no input images found"):
+        run_prediction(checkpoint, tmp_path / "b", tmp_path / "out", device="cpu")
+    with pytest.raises(DataError, match="input not found"):
+        run_prediction(checkpoint, tmp_path / "nothing.nii.gz", tmp_path / "out", device="cpu")
+
+
+def test_cli_predict_prints_one_line_for_a_user_error(tmp_path, capsys):
+    image = write_cine(tmp_path / "case_4d.nii.gz")
+    code = main(["predict", "--checkpoint", str(tmp_path / "none.pt"), "--input", str(image), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "checkpoint not found" in err[0]

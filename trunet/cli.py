@@ -58,8 +58,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         overlap=args.overlap,
         sw_batch_size=args.sw_batch_size,
-        tta=args.tta,
-        postprocess=not args.no_postprocess,
+        tta=True if args.tta else None,  # None: the checkpoint's infer.tta
+        postprocess=False if args.no_postprocess else None,  # None: the checkpoint's infer.postprocess
         save_probabilities=args.save_probabilities,
     )
     return 0
