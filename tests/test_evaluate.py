@@ -39,7 +39,8 @@ LV_HALF = [5, 5, 4, 3, 2, 2, 3, 4]
 def _ellipsoid(radius_mm: float, shape=(32, 32, 12), spacing=(1.5, 1.5, 4.0), centre=None) -> np.ndarray:
     """Voxels whose centre lies within ``radius_mm`` of the centre, in physical (mm) coordinates."""
     centre = centre if centre is not None else [(n - 1) / 2 for n in shape]
-    grids = np.meshgrid(*[(np.arange(n) - centre[i]) * spacing[i] for i, n in enumerate(shape)], indexing="ij")
+    axes = [(np.arange(n) - centre[i]) * spacing[i] for i, n in enumerate(shape)]
+    grids = np.meshgrid(*axes, indexing="ij")
     return sum(g**2 for g in grids) <= radius_mm**2
 
 
@@ -58,7 +59,8 @@ def _heart(t: int, pred: bool = False, empty: bool = False) -> np.ndarray:
 
 def _save(path: Path, labels_txyz: np.ndarray, affine: np.ndarray | None = None, dtype=np.uint8) -> Path:
     affine = np.diag([*SPACING, 1.0]) if affine is None else affine
-    data = np.moveaxis(labels_txyz, 0, -1).astype(dtype) if labels_txyz.ndim == 4 else labels_txyz.astype(dtype)
+    data = np.moveaxis(labels_txyz, 0, -1) if labels_txyz.ndim == 4 else labels_txyz
+    data = data.astype(dtype)
     img = nib.Nifti1Image(data, affine)
     img.header.set_zooms(tuple(SPACING) + ((30.0,) if data.ndim == 4 else ()))
     nib.save(img, str(path))
@@ -77,7 +79,8 @@ def _write_cases(root: Path, ids=("caseA", "caseB"), empty_pred: str | None = No
         pred = np.stack([_heart(f, pred=True, empty=cid == empty_pred) for f in range(t)])
         _save(pred_dir / f"{cid}_seg.nii.gz", pred)
         _save(ref_dir / f"{cid}_gt.nii.gz", ref)
-        image = ref.astype(np.float32) * 100 + np.random.default_rng(i).normal(0, 5, ref.shape).astype(np.float32)
+        noise = np.random.default_rng(i).normal(0, 5, ref.shape)
+        image = (ref * 100.0 + noise).astype(np.float32)
         _save(ref_dir / f"{cid}_4d.nii.gz", image, dtype=np.float32)
         items.append({"image": f"ref/{cid}_4d.nii.gz", "label": f"ref/{cid}_gt.nii.gz", "ed": 0, "es": 4})
     datalist = root / "datalist.json"
@@ -318,9 +321,9 @@ def test_bad_inputs_are_data_errors(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "caseA_seg.nii.gz").write_bytes(b"not a nifti")
-    with pytest.raises(DataError, match="caseA_seg.nii.gz: cannot read prediction"):
+    with pytest.raises(DataError, match="caseA_seg.nii.gz: "):
         run_evaluation(bad, datalist, tmp_path / "o")
-    with pytest.raises(DataError, match="label value 3 but only 3 classes"):
+    with pytest.raises(DataError, match=r"caseA_seg.nii.gz: label values \[3\] are outside"):
         run_evaluation(pred_dir, datalist, tmp_path / "o", classes=["background", "RV", "MYO"])
     # other class names still give Dice/HD95, clinical indices are skipped
     summary = run_evaluation(pred_dir, datalist, tmp_path / "o", classes=["bg", "a", "b", "c"], figures=False)
@@ -344,5 +347,6 @@ def test_cli_geometry_mismatch_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]  # the rest is the progress bar
     assert len(errors) == 1 and errors[0] == proc.stderr.strip().splitlines()[-1]
-    assert errors[0].startswith("trunet evaluate: error: " + str(ref)) and "affine differs" in errors[0]
+    assert errors[0].startswith("trunet evaluate: error: " + str(ref))
+    assert "affine differs from the prediction" in errors[0]
     assert not (tmp_path / "report/per_case.csv").exists()

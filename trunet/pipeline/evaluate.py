@@ -59,6 +59,9 @@ import torch
 from trunet import __version__
 from trunet.atomic import atomic_path, write_json
 from trunet.errors import DataError
+from trunet.pipeline import report
+from trunet.pipeline.report import column_name
+from trunet.transforms.io import IMAGE_SUFFIXES, CineMeta, load_cine, load_label
 
 __all__ = [
     "MYOCARDIAL_DENSITY",
@@ -72,6 +75,7 @@ __all__ = [
     "ventricle_indices",
     "temporal_consistency",
     "agreement",
+    "CaseResult",
     "evaluate_case",
     "run_evaluation",
 ]
@@ -86,8 +90,6 @@ IGNORE_INDEX = 255
 
 PRED_SUFFIX = "_seg.nii.gz"
 _REF_SUFFIXES = ("_4d_gt", "_gt", "_seg")  # label-folder names, in order of preference
-_NIFTI_EXT = (".nii.gz", ".nii")
-_IMAGE_EXT = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 _STRUCTURES = ("LV", "RV", "MYO")
 
 
@@ -116,7 +118,7 @@ class ReferenceCase:
     frames: list[int] | None = None
 
 
-def _strip_ext(name: str, exts: Sequence[str] = _IMAGE_EXT) -> str:
+def _strip_ext(name: str, exts: Sequence[str] = IMAGE_SUFFIXES) -> str:
     for ext in exts:
         if name.endswith(ext):
             return name[: -len(ext)]
@@ -132,7 +134,7 @@ def _case_id_from_image(path: str) -> str:
 def _label_folder_references(folder: Path) -> dict[str, ReferenceCase]:
     found: dict[str, tuple[int, str]] = {}
     for path in sorted(folder.iterdir()):
-        stem = _strip_ext(path.name, _NIFTI_EXT)
+        stem = _strip_ext(path.name)
         if stem == path.name or not path.is_file():
             continue
         for rank, suffix in enumerate(_REF_SUFFIXES):
@@ -261,125 +263,66 @@ def find_references(ref: str | os.PathLike) -> dict[str, ReferenceCase]:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Volume:
-    """An array read from disk with its geometry. ``data`` keeps the file's axis order."""
-
-    path: str
-    data: np.ndarray
-    affine: np.ndarray
-    spacing: tuple[float, float, float]
+def _load_prediction(path: Path, num_classes: int) -> tuple[np.ndarray, CineMeta]:
+    """Predicted labels ``(T, X, Y, Z)`` uint8 and their :class:`~trunet.transforms.io.CineMeta`."""
+    labels, _, meta = load_label(path, num_classes=num_classes)
+    return labels, meta
 
 
-def _read_nifti(path: str | os.PathLike, what: str) -> _Volume:
-    # Hand-written with nibabel (not trunet.transforms.io): labels are read as stored, in (x, y, z[, t])
-    # order, without MONAI's reader rewriting the header; the geometry check needs the raw affine.
-    import nibabel as nib
-
-    path = str(path)
-    if not os.path.isfile(path):
-        raise DataError(path, f"{what} not found")
-    try:
-        img = nib.load(path)
-        data = np.asanyarray(img.dataobj)
-        affine = np.asarray(img.affine, dtype=np.float64)
-        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    except Exception as exc:  # nibabel raises many types for corrupt files (ImageFileError, EOFError, zlib)
-        raise DataError(path, f"cannot read {what} as NIfTI: {exc}") from None
-    if len(zooms) < 3:
-        raise DataError(path, f"{what} must be 3D or 4D, got shape {data.shape}")
-    return _Volume(path, data, affine, zooms)  # type: ignore[arg-type]
-
-
-def _as_labels(vol: _Volume, what: str, num_classes: int, allow_ignore: bool) -> np.ndarray:
-    """Integer label array with value checks (``uint8``, same shape as ``vol.data``)."""
-    data = vol.data
-    if not np.issubdtype(data.dtype, np.integer):
-        rounded = np.rint(data)
-        if not np.array_equal(rounded, data):
-            raise DataError(vol.path, f"{what} holds non-integer values; expected label values")
-        data = rounded
-    if data.size and (data.min() < 0 or data.max() > 255):
-        raise DataError(vol.path, f"{what} values must lie in 0..{num_classes - 1}")
-    data = data.astype(np.uint8)
-    values = np.unique(data)
-    bad = values[(values >= num_classes) & ~((values == IGNORE_INDEX) & allow_ignore)]
-    if bad.size:
-        raise DataError(vol.path, f"{what} has label value {int(bad[0])} but only {num_classes} classes "
-                                  f"(0..{num_classes - 1}) are evaluated; pass --classes")
-    return data
-
-
-def _check_geometry(pred: _Volume, ref: _Volume, spatial_shape: tuple[int, ...]) -> None:
-    if tuple(ref.data.shape[:3]) != tuple(spatial_shape):
-        raise DataError(ref.path, f"reference shape {tuple(ref.data.shape[:3])} differs from the prediction "
-                                  f"{pred.path} shape {tuple(spatial_shape)}")
-    diff = float(np.max(np.abs(ref.affine - pred.affine)))
+def _check_geometry(ref_meta: CineMeta, pred_meta: CineMeta) -> None:
+    """The reference must lie on the prediction's grid: same shape, affine within ``AFFINE_TOLERANCE``."""
+    if tuple(ref_meta.spatial_shape) != tuple(pred_meta.spatial_shape):
+        raise DataError(ref_meta.path, f"reference shape {tuple(ref_meta.spatial_shape)} differs from the "
+                                       f"prediction's {tuple(pred_meta.spatial_shape)} ({pred_meta.path})")
+    diff = float(np.max(np.abs(np.asarray(ref_meta.affine) - np.asarray(pred_meta.affine))))
     if diff > AFFINE_TOLERANCE:
-        raise DataError(ref.path, f"reference affine differs from the prediction {pred.path} by {diff:.4g} "
-                                  f"(tolerance {AFFINE_TOLERANCE}): not on the same grid")
+        raise DataError(ref_meta.path, f"reference affine differs from the prediction's ({pred_meta.path}) "
+                                       f"by {diff:.4g} (tolerance {AFFINE_TOLERANCE}): not on the same grid")
 
 
-def _to_txyz(data: np.ndarray) -> np.ndarray:
-    """``(x, y, z[, t])`` -> ``(T, X, Y, Z)``."""
-    if data.ndim == 3:
-        return data[None]
-    if data.ndim == 5 and data.shape[3] == 1:  # (x, y, z, 1, t) as some writers store a time series
-        data = data[:, :, :, 0]
-    return np.moveaxis(data, -1, 0)
+def _load_reference(ref: ReferenceCase, pred_meta: CineMeta, num_classes: int) -> dict[int, np.ndarray]:
+    """Labelled reference frames ``{frame: (X, Y, Z) uint8}``, checked against the prediction's grid.
 
-
-def _load_reference(ref: ReferenceCase, pred: _Volume, shape_t: int, num_classes: int) -> dict[int, np.ndarray]:
-    """Labelled reference frames ``{frame: (X, Y, Z) uint8}`` on the prediction's grid."""
-    spatial = pred.data.shape[:3]
-    frames: dict[int, np.ndarray] = {}
+    A frame filled with ``IGNORE_INDEX`` (255) counts as unlabelled; a partly filled one is an error.
+    """
+    t = pred_meta.n_frames
     if isinstance(ref.label, dict):
-        for f, path in sorted(ref.label.items()):
-            vol = _read_nifti(path, "reference label")
-            if vol.data.ndim == 4 and vol.data.shape[3] == 1:
-                vol.data = vol.data[..., 0]
-            if vol.data.ndim != 3:
-                raise DataError(path, f"a per-frame reference label must be 3D, got shape {vol.data.shape}")
-            _check_geometry(pred, vol, spatial)
-            if not 0 <= f < shape_t:
-                raise DataError(path, f"reference frame {f} (0-based) outside the prediction's {shape_t} frames")
-            frames[f] = _as_labels(vol, "reference label", num_classes, allow_ignore=False)
-        return frames
-    vol = _read_nifti(ref.label, "reference label")
-    if vol.data.ndim not in (3, 4, 5):
-        raise DataError(ref.label, f"reference label must be 4D (x, y, z, t), got shape {vol.data.shape}")
-    _check_geometry(pred, vol, spatial)
-    labels = _to_txyz(_as_labels(vol, "reference label", num_classes, allow_ignore=True))
-    if labels.shape[0] != shape_t:
-        raise DataError(ref.label, f"reference has {labels.shape[0]} frames, the prediction {pred.path} "
-                                   f"has {shape_t}")
-    wanted = ref.frames if ref.frames is not None else range(shape_t)
-    for f in wanted:
-        if not 0 <= f < shape_t:
-            raise DataError(ref.label, f"labelled frame {f} outside the {shape_t} frames")
+        labels, mask, meta = load_label(ref.label, n_frames=t, ignore_index=IGNORE_INDEX)
+    else:
+        labels, mask, meta = load_label(ref.label, frames=ref.frames, ignore_index=IGNORE_INDEX)
+    _check_geometry(meta, pred_meta)
+    if labels.shape[0] != t:
+        raise DataError(meta.path, f"reference has {labels.shape[0]} frames, the prediction has {t} "
+                                   f"({pred_meta.path})")
+    frames: dict[int, np.ndarray] = {}
+    for f in np.flatnonzero(mask):
         frame = labels[f]
-        if np.all(frame == IGNORE_INDEX):
+        ignored = frame == IGNORE_INDEX
+        if ignored.all():
             continue
-        if np.any(frame == IGNORE_INDEX):
-            raise DataError(ref.label, f"frame {f} is partly unlabelled ({IGNORE_INDEX}); label whole frames")
-        frames[f] = frame
+        if ignored.any():
+            raise DataError(meta.path, f"frame {f} is partly unlabelled ({IGNORE_INDEX}); label whole frames")
+        if frame.max() >= num_classes:
+            raise DataError(meta.path, f"label value {int(frame.max())} in frame {f} but only {num_classes} "
+                                       f"classes (0..{num_classes - 1}) are evaluated; pass --classes")
+        frames[int(f)] = frame
     return frames
 
 
-def _read_image_frames(path: str, frames: Iterable[int], z: int) -> dict[int, np.ndarray] | None:
-    """2D ``(X, Y)`` slices ``z`` of the given frames of a 4D image, or ``None`` if unreadable."""
+def _read_image_frames(
+    path: str, frames: Iterable[int], z: int, shape: Sequence[int]
+) -> dict[int, np.ndarray] | None:
+    """2D ``(X, Y)`` slices ``z`` of the given frames of the image; ``None`` (logged) if unusable."""
     try:
-        import nibabel as nib
-
-        img = nib.load(path)
-        out = {}
-        for f in frames:
-            sl = np.asanyarray(img.dataobj[:, :, z, f] if len(img.shape) == 4 else img.dataobj[:, :, z])
-            out[f] = sl.astype(np.float32)
-        return out
-    except Exception as exc:  # the image only feeds a figure; a bad image must not stop the evaluation
-        logger.warning("%s: cannot read the image for the overlay montage (%s)", path, exc)
+        image, meta = load_cine(path, allow_3d=True)
+    except DataError as exc:  # the image only feeds a figure; a bad image must not stop the evaluation
+        logger.warning("%s; overlay montage skipped", exc)
         return None
+    if tuple(image.shape[1:]) != tuple(shape) or max(frames, default=0) >= image.shape[0]:
+        logger.warning("%s: image shape %s does not match the prediction's %s; overlay montage skipped",
+                       path, meta.shape, tuple(shape))
+        return None
+    return {f: image[f, :, :, z] for f in frames}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -537,10 +480,6 @@ def _structure_index(classes: Sequence[str]) -> dict[str, int]:
     return {s: lower.index(s.lower()) for s in _STRUCTURES if s.lower() in lower}
 
 
-def _column_name(name: str) -> str:
-    return re.sub(r"\W+", "_", name).strip("_") or "class"
-
-
 @dataclass
 class CaseResult:
     """What :func:`evaluate_case` found for one case: a per-case row, per-frame rows, curves."""
@@ -575,7 +514,7 @@ def evaluate_case(
     """
     k = len(classes)
     t = pred.shape[0]
-    names = [_column_name(c) for c in classes]
+    names = [column_name(c) for c in classes]
     struct = _structure_index(classes)
     pred_vol = class_volumes(pred, k, spacing)  # (T, K)
     labelled = sorted(ref_frames)
@@ -602,8 +541,9 @@ def evaluate_case(
 
     row: dict[str, Any] = {
         "case_id": case_id, "n_frames": t, "n_labelled": len(labelled),
-        "voxel_ml": float(np.prod(spacing)) / 1000.0, "phase_source": phase_source if ed is not None else "none",
-        "ed_frame": ed, "es_frame": es, "ed_ref": ref_ed, "es_ref": ref_es, "ed_det": det_ed, "es_det": det_es,
+        "voxel_ml": float(np.prod(spacing)) / 1000.0,
+        "phase_source": phase_source if ed is not None else "none", "ed_frame": ed, "es_frame": es,
+        "ed_ref": ref_ed, "es_ref": ref_es, "ed_det": det_ed, "es_det": det_es,
         "ed_error": None, "es_error": None,
     }
     if ref_ed is not None and det_ed is not None:
@@ -660,7 +600,8 @@ def evaluate_case(
         row[f"{names[c]}_jumps_pred"] = jumps
         row[f"{names[c]}_roughness_pred"] = rough
         if len(labelled) == t:
-            jumps, rough, _ = temporal_consistency(np.array([ref_vol[f][c] for f in labelled]), jump_threshold)
+            ref_curve = np.array([ref_vol[f][c] for f in labelled])
+            jumps, rough, _ = temporal_consistency(ref_curve, jump_threshold)
         else:
             jumps, rough = float("nan"), float("nan")
         row[f"{names[c]}_jumps_ref"] = jumps
@@ -779,7 +720,6 @@ def run_evaluation(
     """
     from tqdm.auto import tqdm
 
-    from trunet.pipeline import report
     from trunet.pipeline.config import DataConfig
 
     pred_dir, out_dir = Path(pred), Path(out_dir)
@@ -815,17 +755,14 @@ def run_evaluation(
     frame_rows: list[dict[str, Any]] = []
     written: list[Path] = []
     for cid in tqdm(matched, desc="evaluate", unit="case"):
-        vol = _read_nifti(pred_files[cid], "prediction")
-        if vol.data.ndim not in (3, 4, 5):
-            raise DataError(vol.path, f"prediction must be 4D (x, y, z, t), got shape {vol.data.shape}")
-        labels = _to_txyz(_as_labels(vol, "prediction", len(classes), allow_ignore=False))
+        labels, meta = _load_prediction(pred_files[cid], len(classes))
         r = refs[cid]
-        ref_frames = _load_reference(r, vol, labels.shape[0], len(classes))
+        ref_frames = _load_reference(r, meta, len(classes))
         if not ref_frames:
             logger.warning("%s: the reference has no labelled frame, not evaluated", cid)
             missing_refs.append(cid)
             continue
-        res = evaluate_case(cid, labels, ref_frames, vol.spacing, classes, r.ed, r.es, jump_threshold)
+        res = evaluate_case(cid, labels, ref_frames, meta.spacing, classes, r.ed, r.es, jump_threshold)
         case_rows.append(res.row)
         frame_rows.extend(res.frames)
         if res.row["hd95_missing"]:
@@ -839,7 +776,7 @@ def run_evaluation(
             else:
                 z = report.mid_slice(ref_frames, struct)
                 wanted = [f for f in (res.phases["ed"], res.phases["es"]) if f is not None]
-                images = _read_image_frames(r.image, wanted, z)
+                images = _read_image_frames(r.image, wanted, z, labels.shape[1:])
                 if images is not None:
                     written.append(report.plot_overlay_montage(
                         fig_dir / f"{cid}_overlay.png", cid, images, labels, ref_frames, z, res.phases,

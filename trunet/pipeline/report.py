@@ -8,6 +8,7 @@ is written atomically. Array layout as in the evaluation: labels ``(T, X, Y, Z)`
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -15,9 +16,21 @@ import numpy as np
 
 from trunet.atomic import atomic_path
 
-__all__ = ["plot_volume_curves", "plot_bland_altman", "plot_overlay_montage", "mid_slice", "summary_table"]
+__all__ = [
+    "column_name",
+    "plot_volume_curves",
+    "plot_bland_altman",
+    "plot_overlay_montage",
+    "mid_slice",
+    "summary_table",
+]
 
 _CLASS_COLOURS = ["#000000", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+
+
+def column_name(name: str) -> str:
+    """A class name as used in column names: non-word runs become ``_`` (``"LV cavity"`` -> ``LV_cavity``)."""
+    return re.sub(r"\W+", "_", name).strip("_") or "class"
 
 
 def _figure(width: float, height: float) -> Any:
@@ -54,6 +67,8 @@ def plot_volume_curves(
         ref_volumes: ``{frame: (K,)}`` reference volumes on the labelled frames.
         phases: ``ed``/``es`` (used), ``ed_det``/``es_det`` (detected on the prediction).
     """
+    from matplotlib.ticker import MaxNLocator
+
     t, k = pred_volumes.shape
     fig = _figure(6.5, 3.8)
     ax = fig.add_subplot(1, 1, 1)
@@ -77,13 +92,16 @@ def plot_volume_curves(
     ax.set_ylabel("volume (ml)")
     ax.set_title(f"{case_id}: volume curves (line: prediction, markers: reference)")
     ax.set_xlim(-0.5, t - 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7, ncol=2, loc="best")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
-def plot_bland_altman(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], ventricles: Sequence[str]) -> Path:
-    """Bland-Altman plots of the ejection fraction (pred - ref against their mean), one panel per ventricle."""
+def plot_bland_altman(
+    path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], ventricles: Sequence[str]
+) -> Path:
+    """Bland-Altman plots of the ejection fraction (pred - ref against their mean), a panel per ventricle."""
     fig = _figure(5.0 * len(ventricles), 4.2)
     for i, s in enumerate(ventricles):
         ax = fig.add_subplot(1, len(ventricles), i + 1)
@@ -99,7 +117,8 @@ def plot_bland_altman(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]
                 sd = diff.std(ddof=1)
                 for sign in (-1, 1):
                     ax.axhline(bias + sign * 1.96 * sd, color="grey", ls="--", lw=1)
-                ax.plot([], [], color="grey", ls="--", label=f"LoA {bias - 1.96 * sd:+.2f} .. {bias + 1.96 * sd:+.2f}")
+                loa = f"LoA {bias - 1.96 * sd:+.2f} .. {bias + 1.96 * sd:+.2f}"
+                ax.plot([], [], color="grey", ls="--", label=loa)
             ax.legend(fontsize=8)
         ax.axhline(0.0, color="lightgrey", lw=0.8, zorder=0)
         ax.set_xlabel(f"mean {s} EF (%)")
@@ -149,7 +168,7 @@ def plot_overlay_montage(
         pred: ``(T, X, Y, Z)`` predicted labels.
         ref_frames: ``{frame: (X, Y, Z)}`` reference labels.
     """
-    rows = [(name, phases.get(key)) for name, key in (("ED", "ed"), ("ES", "es")) if phases.get(key) is not None]
+    rows = [(name, phases.get(key)) for name, key in (("ED", "ed"), ("ES", "es"))]
     rows = [(name, f) for name, f in rows if f in images and images[f].shape == pred.shape[1:3]]
     if not rows:
         return None
@@ -173,20 +192,21 @@ def _fmt(stat: Mapping[str, Any] | None, digits: int = 3) -> str:
 
 def summary_table(summary: Mapping[str, Any], classes: Sequence[str]) -> list[str]:
     """A short human summary: class Dice and HD95 at ED/ES (mean ± sd), EF bias and limits of agreement."""
-    from trunet.pipeline.evaluate import _column_name
-
     m = summary["metrics"]
-    lines = [f"evaluated {summary['n_cases']} case(s)"
-             + (f"; no reference for {len(summary['missing_references'])}" if summary["missing_references"] else "")]
+    missing = summary["missing_references"]
+    head = f"evaluated {summary['n_cases']} case(s)"
+    lines = [head + (f", {len(missing)} without reference" if missing else "")]
     lines.append(f"{'class':<12}{'Dice ED':>18}{'Dice ES':>18}{'HD95 ED (mm)':>18}{'HD95 ES (mm)':>18}")
     for c in classes[1:]:
-        n = _column_name(c)
+        n = column_name(c)
         lines.append(f"{c:<12}{_fmt(m.get(f'dice_{n}_ed')):>18}{_fmt(m.get(f'dice_{n}_es')):>18}"
                      f"{_fmt(m.get(f'hd95_{n}_ed'), 2):>18}{_fmt(m.get(f'hd95_{n}_es'), 2):>18}")
     for s in ("LV", "RV"):
         a = summary["agreement"].get(f"{s}_EF")
         if a and a.get("bias") is not None:
-            loa = (f", LoA {a['loa_lower']:+.2f} .. {a['loa_upper']:+.2f}" if a.get("loa_lower") is not None else "")
+            loa = ""
+            if a.get("loa_lower") is not None:
+                loa = f", LoA {a['loa_lower']:+.2f} .. {a['loa_upper']:+.2f}"
             r = f", r = {a['pearson_r']:.3f}" if a.get("pearson_r") is not None else ""
             lines.append(f"{s} EF bias (pred - ref): {a['bias']:+.2f} %{loa}{r} (n = {a['n']})")
     if summary["hd95_missing_cases"]:
