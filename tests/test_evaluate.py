@@ -350,3 +350,26 @@ def test_cli_geometry_mismatch_exits_2_with_one_line(tmp_path):
     assert errors[0].startswith("trunet evaluate: error: " + str(ref))
     assert "affine differs from the prediction" in errors[0]
     assert not (tmp_path / "report/per_case.csv").exists()
+
+
+def test_datalist_frame_map_and_labelled_frames(tmp_path):
+    pred_dir, ref_dir, _ = _write_cases(tmp_path, ids=("caseA", "caseB"))
+    for f in (0, 4):
+        _save(ref_dir / f"caseA_f{f}.nii.gz", _heart(f))
+    items = [
+        {"image": "ref/caseA_4d.nii.gz", "label": {"0": "ref/caseA_f0.nii.gz", "4": "ref/caseA_f4.nii.gz"}},
+        {"case_id": "caseB", "label": str(ref_dir / "caseB_gt.nii.gz"), "frames": [0, 2, 4]},
+        {"case_id": "caseC", "image": "ref/caseC_4d.nii.gz"},  # no label: no reference
+    ]
+    datalist = tmp_path / "sparse.json"
+    datalist.write_text(json.dumps({"training": items[:1], "test": items[1:]}))
+    refs = find_references(datalist)
+    assert sorted(refs) == ["caseA", "caseB"] and refs["caseB"].frames == [0, 2, 4]
+    summary = run_evaluation(pred_dir, datalist, tmp_path / "out", figures=False)
+    rows = {r["case_id"]: r for r in _read_csv(tmp_path / "out/per_case.csv")}
+    assert rows["caseA"]["n_labelled"] == "2" and rows["caseB"]["n_labelled"] == "3"
+    # no ED/ES given: the reference phases are the max/min of the reference LV volumes on labelled frames
+    assert rows["caseA"]["phase_source"] == "reference-curve"
+    assert (rows["caseA"]["ed_ref"], rows["caseA"]["es_ref"]) == ("0", "4")
+    assert float(rows["caseB"]["LV_EF_ref"]) == pytest.approx(60.0)
+    assert summary["missing_references"] == []
