@@ -129,11 +129,11 @@ def contraction_curve(
 
 #: pathology group -> (LV EF range, ED endocardial radius range mm, wall thickness range mm, RV EF range)
 _GROUPS: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, float], tuple[float, float]]] = {
-    "NOR": ((0.55, 0.66), (22.0, 27.0), (7.0, 10.0), (0.45, 0.62)),
-    "DCM": ((0.34, 0.42), (29.0, 35.0), (6.0, 8.5), (0.35, 0.55)),
-    "HCM": ((0.60, 0.66), (18.0, 24.0), (12.0, 17.0), (0.50, 0.65)),
-    "MINF": ((0.35, 0.48), (25.0, 31.0), (6.5, 9.5), (0.38, 0.55)),
-    "RV": ((0.50, 0.64), (21.0, 27.0), (7.0, 10.0), (0.25, 0.40)),
+    "NOR": ((0.55, 0.66), (24.0, 29.0), (7.0, 10.0), (0.45, 0.62)),
+    "DCM": ((0.34, 0.42), (30.0, 36.0), (6.0, 8.5), (0.35, 0.55)),
+    "HCM": ((0.60, 0.66), (21.0, 26.0), (12.0, 17.0), (0.50, 0.65)),
+    "MINF": ((0.35, 0.48), (27.0, 33.0), (6.5, 9.5), (0.38, 0.55)),
+    "RV": ((0.50, 0.64), (23.0, 28.0), (7.0, 10.0), (0.25, 0.40)),
 }
 
 
@@ -190,6 +190,7 @@ class _Params:
     artefact_frame: int | None
     artefact_strength: float
     atria: tuple[tuple[float, float, float, float], ...]  # (u, v, a, b) of left and right atrium
+    infarct: tuple[float, float, float] | None  # MINF: akinetic thinned sector (angle, half-width, bulge)
     ef_drive: float = 0.5  # the EF the analytic cavity is scaled for; set by _calibrate
     rv_drive: float = 0.3  # RV crescent shrink at ES; set by _calibrate
 
@@ -249,6 +250,8 @@ def _draw_params(rng: np.random.Generator, inplane_scale: float, max_frames: int
     endo_shape = shape_draw(0.12, 0.05)
     epi_shape = shape_draw(0.08, 0.03)
 
+    # an infarcted sector (used for MINF): thinned by a third and akinetic in the radial direction
+    infarct = (_u(rng, 0.0, 2 * np.pi), _u(rng, 0.5, 0.9), 0.35 * wall / r_endo)
     blood = _u(rng, 0.85, 1.0)
     art_roll = rng.uniform()
     art_kind = "ghost" if rng.uniform() < 0.5 else "blur"
@@ -294,6 +297,7 @@ def _draw_params(rng: np.random.Generator, inplane_scale: float, max_frames: int
             (_u(rng, -15.0, -5.0), _u(rng, -15.0, 0.0), _u(rng, 0.7, 0.95) * r_endo + 8, _u(rng, 0.6, 0.85) * r_endo + 8),
             (r_endo + wall + _u(rng, 5.0, 15.0), _u(rng, -10.0, 10.0), _u(rng, 15.0, 25.0), _u(rng, 15.0, 25.0)),
         ),
+        infarct=infarct if group == "MINF" else None,
     )
 
 
@@ -316,6 +320,7 @@ class _Motion:
     r_endo: np.ndarray
     r_epi: np.ndarray
     rv_scale: np.ndarray
+    k_r: np.ndarray  # radial scale of the cavity relative to ED
 
 
 def _motion(p: _Params) -> _Motion:
@@ -339,6 +344,7 @@ def _motion(p: _Params) -> _Motion:
         l_epi=k_l * p.l_epi,
         r_endo=k_r * p.r_endo,
         r_epi=k_e * p.r_epi,
+        k_r=k_r,
         rv_scale=1.0 - p.rv_drive * f,
     )
 
@@ -454,6 +460,7 @@ class _Grid:
         self.x, self.y = np.meshgrid(xs, ys, indexing="ij")
         self.z = np.arange(nz) * sz
         self.p = p
+        self._polar: dict[tuple[int, float], tuple[np.ndarray, ...]] = {}
 
     def heart_frame(self, k: int, zpos: float) -> tuple[np.ndarray, np.ndarray]:
         """Heart-frame coordinates ``(u, v)`` ``(X, Y)`` at level ``zpos`` of slice ``k``: centred on the LV
@@ -463,6 +470,24 @@ class _Grid:
         dx, dy = self.x - c[0], self.y - c[1]
         ct, st = math.cos(p.theta), math.sin(p.theta)
         return (ct * dx + st * dy).astype(np.float32), (-st * dx + ct * dy).astype(np.float32)
+
+    def polar(self, k: int, zpos: float) -> tuple[np.ndarray, ...]:
+        """``(u, v, rho, endo unit radius, epi unit radius, infarct weight or None)``, each ``(X, Y)`` (the
+        radii and weight with a leading axis of 1), at a level; cached, as the calibration and the
+        rendering visit the same levels."""
+        key = (k, float(zpos))
+        if key not in self._polar:
+            u, v = self.heart_frame(k, zpos)
+            phi = np.arctan2(v, u)
+            s_endo = _radius_shape(phi, self.p.endo_shape)[None]
+            sector = None
+            if self.p.infarct is not None:
+                centre, half_width, bulge = self.p.infarct
+                offset = np.abs(np.angle(np.exp(1j * (phi - centre)))) / half_width
+                sector = (0.5 * (1.0 + np.cos(np.pi * np.clip(offset, 0.0, 1.0)))).astype(np.float32)[None]
+                s_endo = s_endo * (1.0 + np.float32(bulge) * sector)
+            self._polar[key] = (u, v, np.hypot(u, v), s_endo, _radius_shape(phi, self.p.epi_shape)[None], sector)
+        return self._polar[key]
 
 
 @dataclass
@@ -487,19 +512,17 @@ class _SliceGeometry:
 
 def _geometry(p: _Params, m: _Motion, grid: _Grid, k: int, zpos: float, frames: np.ndarray) -> _SliceGeometry:
     """LV endocardium, LV epicardium and RV crescent at level ``zpos`` of slice ``k`` for ``frames``."""
-    u, v = grid.heart_frame(k, zpos)
-    rho = np.hypot(u, v)
-    phi = np.arctan2(v, u)
-    s_endo = _radius_shape(phi, p.endo_shape)[None]
-    s_epi = _radius_shape(phi, p.epi_shape)[None]
+    u, v, rho, s_endo, s_epi, sector = grid.polar(k, zpos)
     zc, z_base, l_endo, l_epi = m.zc[frames], m.z_base[frames], m.l_endo[frames], m.l_epi[frames]
     prof_endo = _profile(zpos, zc, l_endo, z_base)
     prof_epi = _profile(zpos, zc, l_epi, z_base)
-    r_endo = np.where(prof_endo > 0, m.r_endo[frames] * prof_endo, _OUTSIDE)[:, None, None]
+    r_endo = np.where(prof_endo > 0, m.r_endo[frames] * prof_endo, _OUTSIDE).astype(np.float32)[:, None, None]
     r_epi_t = m.r_epi[frames] * prof_epi  # (T',) mean epicardial radius at this level
-    r_epi = np.where(prof_epi > 0, r_epi_t, _OUTSIDE)[:, None, None]
+    r_epi = np.where(prof_epi > 0, r_epi_t, _OUTSIDE).astype(np.float32)[:, None, None]
+    if sector is not None:  # the infarcted sector keeps its ED radius (akinetic); the rest compensates
+        s_endo = s_endo * (1.0 + sector * (1.0 / m.k_r[frames] - 1.0).astype(np.float32)[:, None, None])
     d_endo = rho[None] - r_endo * s_endo
-    d_epi = rho[None] - np.maximum(r_epi * s_epi, r_endo * s_endo + p.min_wall * (r_endo > 0))
+    d_epi = rho[None] - np.maximum(r_epi * s_epi, r_endo * s_endo + np.float32(p.min_wall) * (r_endo > 0))
 
     # RV crescent: an ellipse from rv_back LV radii behind the LV centre to `width` beyond the epicardium
     rv_prof = _profile(zpos, zc, l_epi * p.rv_length, z_base)
@@ -514,7 +537,7 @@ def _geometry(p: _Params, m: _Motion, grid: _Grid, k: int, zpos: float, frames: 
     for i in np.flatnonzero(present):
         cu, cv = c_rv[i] * math.cos(p.rv_angle), c_rv[i] * math.sin(p.rv_angle)
         d_rv[i] = _ellipse_dist(u - cu, v - cv, a_rv[i], b_rv[i], p.rv_angle + p.rv_tilt)
-    return _SliceGeometry(u, v, d_endo.astype(np.float32), d_epi.astype(np.float32), d_rv, prof_endo)
+    return _SliceGeometry(u, v, d_endo, d_epi, d_rv, prof_endo)
 
 
 def _ed_es_volumes(p: _Params, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
@@ -568,7 +591,7 @@ def _render(p: _Params, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
     image = np.empty((nt, nx, ny, nz), np.float32)
     label = np.zeros((nt, nx, ny, nz), np.uint8)
     pa1, pa2, p_rad, p_depth = p.papillary
-    f = motion.f[:, None, None]
+    pap_radius = (p_rad * (1.0 + 0.5 * motion.f)).astype(np.float32)[:, None, None]  # papillaries thicken too
     for k in range(nz):
         blood_tex = (1.0 + 0.08 * texture[..., k] + 0.06 * fine_tex[..., k])[None]
         myo_val = p.myo * (1.0 + 0.1 * fine_tex[..., k])[None]
@@ -587,17 +610,17 @@ def _render(p: _Params, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
             img += a_endo * (p.blood * blood_tex - img)
             # papillary muscles: dark discs inside the cavity (labelled LV, as in ACDC)
             depth = (zpos - motion.zc) / motion.l_endo  # (T,)
-            pap_on = np.clip(1.0 - np.abs(depth - 0.35) / 0.35, 0.0, 1.0)[:, None, None]
+            pap_on = np.clip(1.0 - np.abs(depth - 0.35) / 0.35, 0.0, 1.0).astype(np.float32)[:, None, None]
             for ang in (pa1, pa2):
-                rr = (p_depth * motion.r_endo * g.prof_endo)[:, None, None]
+                rr = (p_depth * motion.r_endo * g.prof_endo).astype(np.float32)[:, None, None]
                 pu, pv = rr * math.cos(ang), rr * math.sin(ang)
-                d_pap = np.sqrt((u[None] - pu) ** 2 + (v[None] - pv) ** 2) - p_rad * (1.0 + 0.5 * f)
+                d_pap = np.sqrt((u[None] - pu) ** 2 + (v[None] - pv) ** 2) - pap_radius
                 a_pap = _coverage(d_pap, pix) * pap_on * a_endo
                 img += a_pap * (myo_val - img)
             a_rv = _coverage(g.d_rv, pix) * (1.0 - a_epi)
             img += a_rv * (p.rv_blood * blood_tex - img)
             # atria above the (moving) base plane: bright blood, unlabelled
-            above = np.clip((motion.z_base - zpos) / 4.0, 0.0, 1.0)[:, None, None]
+            above = np.clip((motion.z_base - zpos) / 4.0, 0.0, 1.0).astype(np.float32)[:, None, None]
             for (cu, cv, a, b), value in zip(p.atria, (p.blood, p.rv_blood)):
                 a_at = _coverage(_ellipse_dist(u - cu, v - cv, a, b, 0.0), pix)[None] * above
                 img += a_at * (value * blood_tex - img)
@@ -622,8 +645,8 @@ def _render(p: _Params, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
             n = frame.shape[axis]
             ghost = 0.5 * (np.roll(frame, n // 2, axis) + np.roll(frame, -(n // 3), axis))
             image[t] = frame + 0.35 * p.artefact_strength * ghost
-        else:  # motion blur along phase encoding
-            steps = max(2, int(round(6.0 * p.artefact_strength / pix * 1.5)))
+        else:  # motion blur along phase encoding, over 5-10 mm
+            steps = max(2, int(round(10.0 * p.artefact_strength / pix)))
             image[t] = np.mean([np.roll(frame, s, axis) for s in range(-steps // 2, steps // 2 + 1)], axis=0)
 
     # Rician noise: magnitude of the complex signal with Gaussian noise on both channels
