@@ -18,6 +18,7 @@ voxel checks (NaN, label values, truncated data) run when a case is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,14 +27,15 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.transforms import Compose, Randomizable
 
 from trunet.atomic import write_json
-from trunet.errors import DataError
+from trunet.errors import DataError, TrunetError
 from trunet.pipeline.config import Config, DataConfig
 from trunet.transforms.cardiac import case_id_from_path
 from trunet.transforms.compose import inference_transforms, preprocessing_from_config, train_transforms
@@ -50,6 +52,7 @@ __all__ = [
     "median_target_spacing",
     "build_train_loader",
     "build_eval_dataset",
+    "unwrap_data_errors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -388,19 +391,73 @@ def _check_trainable(cases: list[dict]) -> None:
             raise DataError(c["image"], f"training case '{c['case_id']}' has no label")
 
 
+@contextlib.contextmanager
+def unwrap_data_errors() -> Iterator[None]:
+    """Re-raise the :class:`~trunet.errors.TrunetError` behind MONAI's ``RuntimeError("applying transform")``.
+
+    MONAI's ``Compose`` wraps every exception of a transform in a ``RuntimeError``; a bad input found while
+    loading (NaN, label values, truncated data) must reach the CLI as the one-line ``DataError``.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        cause: Optional[BaseException] = exc
+        while cause is not None and not isinstance(cause, TrunetError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+class _Unwrapping:
+    """Dataset mixin: items that fail with a data error raise the DataError itself."""
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+        with unwrap_data_errors():
+            return super().__getitem__(index)  # type: ignore[misc]
+
+
+class _Dataset(_Unwrapping, Dataset):
+    pass
+
+
+class _CacheDataset(_Unwrapping, CacheDataset):
+    pass
+
+
+class _PersistentDataset(_Unwrapping, PersistentDataset):
+    pass
+
+
 def _make_dataset(cases: list[dict], transform, cache: str, cache_dir: Optional[str | os.PathLike],
                   preprocessing: dict, tag: str) -> Dataset:
-    if cache == "memory":
-        return CacheDataset(cases, transform, cache_rate=1.0, num_workers=1, progress=len(cases) > 4)
-    if cache == "disk":
-        if cache_dir is None:
-            raise ValueError("data.cache = disk needs a cache_dir")
-        digest = hashlib.sha1(json.dumps({"pre": preprocessing, "tag": tag}, sort_keys=True).encode()).hexdigest()[:12]
-        # track_meta=True keeps the affine on cached reads (with False it is lost); that needs
-        # weights_only=False to unpickle MetaTensors. The cache is our own, written by this process.
-        return PersistentDataset(cases, transform, cache_dir=Path(cache_dir) / f"{tag}-{digest}", track_meta=True,
-                                 weights_only=False)
-    return Dataset(cases, transform)
+    """A dataset over ``cases`` whose deterministic transforms are cached per ``cache``.
+
+    Every case's deterministic part runs once here, in this process (``memory``: cached; ``disk``: the
+    persistent cache is filled or read; ``none``: computed and dropped), so a bad input raises its
+    DataError now rather than inside a DataLoader worker.
+    """
+    with unwrap_data_errors():
+        if cache == "memory":
+            return _CacheDataset(cases, transform, cache_rate=1.0, num_workers=1, progress=len(cases) > 4)
+        if cache == "disk":
+            if cache_dir is None:
+                raise ValueError("data.cache = disk needs a cache_dir")
+            key = json.dumps({"pre": preprocessing, "tag": tag}, sort_keys=True)
+            digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+            # track_meta=True keeps the affine on cached reads (with False it is lost); that needs
+            # weights_only=False to unpickle MetaTensors. The cache is our own, written by this process.
+            ds = _PersistentDataset(cases, transform, cache_dir=Path(cache_dir) / f"{tag}-{digest}", track_meta=True,
+                                    weights_only=False)
+            for case in cases:
+                ds._cachecheck(case)  # fill (or check) the cache now; MONAI has no public warm-up
+            return ds
+        ds = _Dataset(cases, transform)
+        first_random = transform.get_index_of_first(lambda t: isinstance(t, Randomizable))
+        check = transform if first_random is None else Compose(transform.transforms[:first_random])
+        for case in cases:
+            check(dict(case))
+        return ds
 
 
 def build_train_loader(
