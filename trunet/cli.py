@@ -40,11 +40,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from trunet.pipeline.config import load_config
 
     config = load_config(args.config, args.overrides)  # config errors first, before heavy imports
-    from trunet.pipeline.train import run_training
+    from trunet.pipeline.train import TrainingInterrupted, run_training
 
     if args.data is not None:
-        config.data.root = str(args.data)
-    run_training(config, run_dir=args.run_dir, resume=args.resume, config_path=args.config)
+        config.data.root = str(args.data.resolve())
+    try:
+        run_training(config, run_dir=args.run_dir, resume=args.resume, config_path=args.config)
+    except TrainingInterrupted as exc:  # latest.pt is saved; 128 + signal so schedulers restart the job
+        print(f"trunet train: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 
