@@ -32,10 +32,10 @@ def test_contraction_curve_single_peak_at_es():
         assert np.all(np.diff(f[: es + 1]) > 0)  # systole: strictly contracting
         assert np.all(np.diff(f[es:]) <= 1e-12)  # diastole: filling, never contracting again
         assert 0.0 <= f.min() and f.max() <= 1.0
-        # diastole is slower than systole: half the stroke volume back later after ES than it took to eject
-        refill = np.argmax(f[es:] <= 0.5)
-        eject = np.argmax(f >= 0.5)
-        assert refill >= 1 and eject >= 1
+        # filling slows down: the last fifth of diastole (diastasis, atrial kick) refills less than the first
+        dia = f[es:]
+        fifth = max(1, len(dia) // 5)
+        assert dia[0] - dia[fifth] > dia[-fifth - 1] - dia[-1]
     with pytest.raises(ValueError):
         contraction_curve(20, 0)
 

@@ -257,7 +257,7 @@ def _draw_params(rng: np.random.Generator, inplane_scale: float, max_frames: int
     art_kind = "ghost" if rng.uniform() < 0.5 else "blur"
     art_frame_u = rng.uniform()
     art_strength = _u(rng, 0.5, 1.0)
-    artefact = art_kind if art_roll < 0.35 else None
+    artefact = art_kind if art_roll < 0.25 else None
     artefact_frame = None
     if artefact is not None:
         candidates = [t for t in range(nt) if t not in (0, es)]
@@ -395,7 +395,9 @@ def _ellipse_dist(du: np.ndarray, dv: np.ndarray, a: float, b: float, angle: flo
 
 def _background(p: _Params, rng: np.random.Generator, u: np.ndarray, v: np.ndarray, z: np.ndarray,
                 x: np.ndarray, y: np.ndarray, texture: np.ndarray) -> np.ndarray:
-    """Static surroundings ``(X, Y, Z)``: body, subcutaneous fat, lungs, liver, spine, aortas, atria.
+    """Static surroundings ``(X, Y, Z)``: body, subcutaneous fat, lungs, liver, spine, descending aorta,
+    epicardial fat pads and, above the base, the great vessels (the atria move with the base: see
+    :func:`_render`).
 
     ``u, v``: heart-frame coordinates ``(X, Y, Z)`` (u points from the LV towards the RV); ``x, y``:
     image-centred mm; ``z``: slice positions ``(Z,)``.
@@ -419,14 +421,14 @@ def _background(p: _Params, rng: np.random.Generator, u: np.ndarray, v: np.ndarr
         img = img * (1 - m) + m * value * (1.0 + tex * texture)
 
     z_rel = (z - p.z_base)[None, None, :]  # mm below the base plane
-    apex = p.l_endo * (1.0 - (p.z_base - p.zc) / p.l_endo)
+    cavity_len = p.l_endo - (p.z_base - p.zc)  # base plane to endocardial apex at ED
     # lungs either side of the mediastinum
     blob(-(r_epi + _u(rng, 35.0, 60.0)), _u(rng, -10.0, 25.0), _u(rng, 35.0, 55.0), _u(rng, 50.0, 80.0),
          _u(rng, -0.4, 0.4), p.lung, tex=0.3)
     blob(r_epi + _u(rng, 55.0, 80.0), _u(rng, 0.0, 30.0), _u(rng, 30.0, 50.0), _u(rng, 45.0, 75.0),
          _u(rng, -0.4, 0.4), p.lung, tex=0.3)
     # liver: below the heart, appears towards the apex
-    liver_z = np.clip((z_rel - _u(rng, 0.35, 0.75) * apex) / 15.0, 0.0, 1.0)
+    liver_z = np.clip((z_rel - _u(rng, 0.35, 0.75) * cavity_len) / 15.0, 0.0, 1.0)
     blob(_u(rng, 20.0, 50.0), -(r_epi + _u(rng, 10.0, 35.0)), _u(rng, 55.0, 80.0), _u(rng, 40.0, 60.0),
          _u(rng, -0.5, 0.5), p.liver, liver_z, tex=0.12)
     # spine and descending aorta, posterior
@@ -440,7 +442,7 @@ def _background(p: _Params, rng: np.random.Generator, u: np.ndarray, v: np.ndarr
         rr = r_epi + _u(rng, 2.0, 8.0)
         blob(rr * math.cos(ang), rr * math.sin(ang), _u(rng, 6.0, 14.0), _u(rng, 3.0, 6.0), ang + np.pi / 2,
              p.fat * 0.9, tex=0.1)
-    # great vessels and atria above the base plane (bright, unlabelled)
+    # ascending aorta and pulmonary trunk above the base plane (bright, unlabelled)
     above = np.clip((-z_rel - 2.0) / 8.0, 0.0, 1.0)
     blob(_u(rng, 0.0, 15.0), _u(rng, 10.0, 25.0), _u(rng, 12.0, 16.0), _u(rng, 12.0, 16.0), 0.0,
          p.blood * 0.95, above, tex=0.05)
