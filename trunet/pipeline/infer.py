@@ -156,7 +156,8 @@ class Predictor:
     Args:
         model: a :class:`~trunet.models.TimeResolvedUNet` (or any module mapping ``(B, T, C, X, Y, Z)`` to
             logits ``(B, T, K, X, Y, Z)``, or a list whose first element is that). Put in eval mode for each
-            call and restored to its previous mode afterwards, so the trainer can pass its live model.
+            call and restored to its previous mode afterwards, so the trainer can pass its live model; a
+            DDP/DataParallel wrapper is unwrapped.
         preprocessing: the checkpoint's preprocessing dict; uses ``patch_size`` (the window, rounded up to
             the model's ``size_divisor``), ``time_window`` (the training window) and ``classes``.
         infer_config: ``overlap``, ``sw_batch_size``, ``time_overlap``, ``tta``, ``cpu_stitch_voxels``
@@ -184,6 +185,8 @@ class Predictor:
         progress: bool = False,
         pass_voxel_budget: int = DEFAULT_PASS_VOXEL_BUDGET,
     ):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module  # the bare module: a DDP forward on one rank would wait for the others
         try:
             model_device = next(model.parameters()).device
         except StopIteration:
