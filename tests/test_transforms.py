@@ -54,7 +54,7 @@ def test_inverse_restores_original_grid_on_oblique_affine(configs_dir: Path, cas
     out = chain(dict(case))
     assert out["image"].shape[0] == SHAPE[3] and tuple(out["image"].shape[1:]) != SHAPE[:3]
     # a label map on the preprocessed grid goes back with the file's shape and affine
-    back = invert_prediction(chain, out["image"], out["label"])
+    back = invert_prediction(chain, out["image"], out["label"].as_tensor().clone())  # a plain tensor, as predicted
     assert tuple(back.shape) == (SHAPE[3],) + SHAPE[:3] and back.dtype == torch.uint8
     np.testing.assert_allclose(back.affine.numpy(), oblique_affine(), atol=1e-4)
     original = np.moveaxis(make_label(), -1, 0)

@@ -22,6 +22,7 @@ import math
 from typing import Any, Optional, Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.transforms import (
     CastToTyped,
     Compose,
@@ -194,7 +195,7 @@ def invert_prediction(transform: Compose, image: Any, pred: torch.Tensor, neares
         transform: the :func:`inference_transforms` chain that produced ``image``.
         image: the preprocessed ``image`` MetaTensor ``(T, X', Y', Z')`` of the case (its applied
             operations drive the inversion).
-        pred: ``(C, X', Y', Z')`` on the preprocessed grid, e.g. a label map ``(T, ...)`` (use
+        pred: tensor or MetaTensor ``(C, X', Y', Z')`` on the preprocessed grid (CPU or GPU), e.g. a label map ``(T, ...)`` (use
             ``nearest=True``) or per-frame probabilities of one class; fold ``(T, K)`` into ``C`` first.
         nearest: nearest-neighbour interpolation (labels) instead of the transforms' own modes.
 
@@ -203,6 +204,8 @@ def invert_prediction(transform: Compose, image: Any, pred: torch.Tensor, neares
         their dtype.
     """
     dtype = pred.dtype
+    if not isinstance(pred, MetaTensor):
+        pred = MetaTensor(pred)  # Invertd takes the operations from ``image``; a plain tensor would be skipped
     inverter = Invertd(keys="pred", transform=transform, orig_keys=IMAGE, nearest_interp=nearest)
     out = inverter({"pred": pred, IMAGE: image})["pred"]
     if not torch.is_floating_point(torch.empty(0, dtype=dtype)):
