@@ -219,3 +219,10 @@ def test_label_frame_index_out_of_range(case: dict, tmp_path: Path) -> None:
         load_label({5: frame}, like=meta)
     with pytest.raises(DataError, match=r"indices \[9\] are out of range"):
         load_label(case["label"], frames=[0, 9], like=meta)
+
+
+def test_folder_without_images(tmp_path: Path) -> None:
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match="frames: folder holds no image files"):
+        load_cine(tmp_path / "frames")
