@@ -45,8 +45,8 @@ def _machine(device: torch.device) -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} logical CPUs{gpu}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+    return (f"{platform.node()}: {cpu}, {os.cpu_count()} logical CPUs{gpu}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
 def bench_loader(config, cases, target_spacing, batches: int, warmup: int, cache_dir: Path) -> dict:
@@ -82,7 +82,8 @@ def bench_train_step(config, batch_shape, device: torch.device, steps: int, warm
         print(f"train step: skipped, trunet.models.TimeResolvedUNet not available ({exc})")
         return None
     classes = len(config.data.classes)
-    model = TimeResolvedUNet(in_channels=1, out_channels=classes, **dataclasses.asdict(config.model)).to(device)
+    hparams = dataclasses.asdict(config.model)
+    model = TimeResolvedUNet(in_channels=1, out_channels=classes, **hparams).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
     b, t = batch_shape[:2]
     image = torch.randn(batch_shape, device=device)
@@ -147,17 +148,20 @@ def main(argv: list[str] | None = None) -> int:
         cases = read_datalist(datalist).training
         spacing = tuple(config.data.target_spacing or (1.5, 1.5, 8.0))
         t = config.train
-        print(f"config: {args.config}: patch {list(t.patch_size)}, time window {t.time_window}, batch {t.batch_size}, "
-              f"target spacing {list(spacing)}, cache {config.data.cache}, workers {config.data.num_workers}")
+        print(f"config: {args.config}: patch {list(t.patch_size)}, time window {t.time_window}, "
+              f"batch {t.batch_size}, target spacing {list(spacing)}, cache {config.data.cache}, "
+              f"workers {config.data.num_workers}")
         res = bench_loader(config, cases, spacing, args.batches, args.warmup, Path(tmp) / "cache")
-        print(f"loader: cache built in {res['build_s']:.1f} s for {len(cases)} cases; {res['batches']} batches "
-              f"{res['batch_shape']} in {res['wall_s']:.2f} s = {res['samples_per_s']:.1f} samples/s "
+        print(f"loader: cache built in {res['build_s']:.1f} s for {len(cases)} cases; "
+              f"{res['batches']} batches {res['batch_shape']} in {res['wall_s']:.2f} s = "
+              f"{res['samples_per_s']:.1f} samples/s "
               f"({res['samples_per_s'] / t.batch_size:.1f} batches/s)")
         if args.steps > 0:
             step = bench_train_step(config, res["batch_shape"], device, args.steps, warmup=2)
             if step is not None:
                 verdict = "keeps up" if res["samples_per_s"] >= step["samples_per_s"] else "does NOT keep up"
-                print(f"train step ({device.type}, median of {step['steps']}): {step['step_s'] * 1000:.0f} ms = "
+                print(f"train step ({device.type}, median of {step['steps']}): "
+                      f"{step['step_s'] * 1000:.0f} ms = "
                       f"{step['samples_per_s']:.1f} samples/s; loader/train = "
                       f"{res['samples_per_s'] / step['samples_per_s']:.1f}x: the loader {verdict}")
     return 0

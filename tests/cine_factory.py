@@ -28,7 +28,7 @@ def oblique_affine(spacing=(1.5, 1.6, 8.0), angles=(0.3, -0.2, 0.7), origin=(-20
 
 
 def make_label(shape=SHAPE) -> np.ndarray:
-    """uint8 ``(x, y, z, t)``: LV cavity (3) in a myocardial ring (2), RV (1) beside it; the LV shrinks with t."""
+    """uint8 ``(x, y, z, t)``: LV cavity (3) in a myocardial ring (2), RV (1) beside it; the LV shrinks."""
     x, y, z, t = shape
     xx, yy = np.meshgrid(np.arange(x), np.arange(y), indexing="ij")
     out = np.zeros(shape, dtype=np.uint8)

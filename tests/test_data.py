@@ -1,4 +1,4 @@
-"""Case sources (datalist, ACDC root, phantom), splits, target spacing, loaders, and bad inputs of a dataset."""
+"""Case sources (datalist, ACDC root, phantom), splits, target spacing, loaders, bad inputs of a dataset."""
 
 from __future__ import annotations
 
@@ -33,10 +33,12 @@ def _datalist(folder: Path, training: list, **lists) -> Path:
     return path
 
 
-def _acdc_patient(root: Path, name: str, ed: int = 1, es: int = 3, frames: int = 5, with_gt: bool = True) -> None:
+def _acdc_patient(root: Path, name: str, ed: int = 1, es: int = 3, frames: int = 5,
+                  with_gt: bool = True) -> None:
     d = root / name
     d.mkdir(parents=True)
-    (d / "Info.cfg").write_text(f"ED: {ed}\nES: {es}\nGroup: NOR\nHeight: 180.0\nNbFrame: {frames}\nWeight: 80.0\n")
+    info = f"ED: {ed}\nES: {es}\nGroup: NOR\nHeight: 180.0\nNbFrame: {frames}\nWeight: 80.0\n"
+    (d / "Info.cfg").write_text(info)
     label = make_label(SHAPE[:3] + (frames,))
     write_nifti(d / f"{name}_4d.nii.gz", make_image(label), oblique_affine(), 30.0)
     if with_gt:
@@ -45,7 +47,8 @@ def _acdc_patient(root: Path, name: str, ed: int = 1, es: int = 3, frames: int =
 
 
 def _config(configs_dir: Path, *overrides: str):
-    return load_config(configs_dir / "tiny.yaml", ["train.patch_size=[16,16,4]", "train.time_window=3", *overrides])
+    base = ["train.patch_size=[16,16,4]", "train.time_window=3"]
+    return load_config(configs_dir / "tiny.yaml", [*base, *overrides])
 
 
 @pytest.fixture
@@ -57,12 +60,14 @@ def test_datalist_relative_paths_mappings_and_extra_keys(tmp_path: Path) -> None
     rec = write_case(tmp_path / "d" / "imgs", "a")
     write_nifti(tmp_path / "d" / "imgs" / "b_f2.nii.gz", make_label()[..., 2], oblique_affine())
     path = _datalist(tmp_path / "d", [
-        {"image": "imgs/a.nii.gz", "label": "imgs/a_gt.nii.gz", "frames": [0, 2], "ed": 0, "es": 2, "site": "x"},
+        {"image": "imgs/a.nii.gz", "label": "imgs/a_gt.nii.gz", "frames": [0, 2], "ed": 0, "es": 2,
+         "site": "x"},
         {"image": "imgs/a.nii.gz", "case_id": "b", "label": {"2": "imgs/b_f2.nii.gz"}},
     ], test=["imgs/a.nii.gz"])
     lists = read_datalist(path)
     a, b = lists.training
-    assert a == {"case_id": "a", "image": rec["image"], "label": rec["label"], "frames": [0, 2], "ed": 0, "es": 2}
+    assert a == {"case_id": "a", "image": rec["image"], "label": rec["label"], "frames": [0, 2], "ed": 0,
+                 "es": 2}
     assert b["label"] == {2: str(tmp_path / "d" / "imgs" / "b_f2.nii.gz")} and b["frames"] == [2]
     assert lists.validation == [] and lists.test[0]["label"] is None
     item = inference_transforms(preprocessing_from_config(load_config(None), (1.5, 1.6, 8.0)))(dict(b))
@@ -170,7 +175,7 @@ def test_eval_dataset_items(configs_dir: Path, three_cases: list[dict]) -> None:
     np.testing.assert_allclose(np.asarray(item["image"].pixdim), (3.0, 3.0, 8.0), rtol=1e-5)
 
 
-# --- bad inputs ----------------------------------------------------------------------------------------------
+# --- bad inputs -----------------------------------------------------------------------------
 
 
 def test_empty_datalist(tmp_path: Path) -> None:

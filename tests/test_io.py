@@ -68,7 +68,8 @@ def test_nibabel_and_simpleitk_agree(case: dict, tmp_path: Path) -> None:
     np.testing.assert_allclose(m2.affine, meta.affine, atol=1e-4)
     assert m2.time_step == pytest.approx(meta.time_step, rel=1e-5)
     # a MetaImage written with the same geometry
-    mha = _write_mha(tmp_path / "c.mha", nib.load(case["image"]).get_fdata().astype(np.float32), meta.affine, 37.5)
+    raw = nib.load(case["image"]).get_fdata().astype(np.float32)
+    mha = _write_mha(tmp_path / "c.mha", raw, meta.affine, 37.5)
     a3, m3 = load_cine(mha)
     np.testing.assert_allclose(a3, array, rtol=1e-6)
     np.testing.assert_allclose(m3.affine, meta.affine, atol=1e-4)
@@ -92,7 +93,7 @@ def test_load_label_dense_sparse_and_mapping(case: dict, tmp_path: Path) -> None
     sparse, mask2, _ = load_label(case["label"], frames=[0, 3], like=meta, num_classes=4)
     assert mask2.tolist() == [True, False, False, True, False]
     assert (sparse[~mask2] == 255).all() and np.array_equal(sparse[mask2], dense[mask2])
-    files = {t: write_nifti(tmp_path / f"gt{t}.nii.gz", np.moveaxis(dense, 0, -1)[..., t], meta.affine) for t in (1, 4)}
+    files = {t: write_nifti(tmp_path / f"gt{t}.nii.gz", dense[t], meta.affine) for t in (1, 4)}
     mapped, mask3, m3 = load_label(files, like=meta, num_classes=4)
     assert mask3.tolist() == [False, True, False, False, True] and m3.shape == meta.shape
     assert np.array_equal(mapped[1], dense[1]) and (mapped[0] == 255).all()
@@ -117,7 +118,7 @@ def test_save_cine_like_refuses_to_overwrite_input(case: dict) -> None:
     assert Path(case["image"]).read_bytes() == before
 
 
-# --- bad inputs ----------------------------------------------------------------------------------------------
+# --- bad inputs -----------------------------------------------------------------------------
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -29,7 +29,8 @@ ALL_SPATIAL = [f"train.augment.{k}=1.0" for k in ("rotate_prob", "scale_prob", "
 
 
 def _config(configs_dir: Path, *overrides: str):
-    return load_config(configs_dir / "tiny.yaml", ["train.patch_size=[16,16,4]", "train.time_window=3", *overrides])
+    base = ["train.patch_size=[16,16,4]", "train.time_window=3"]
+    return load_config(configs_dir / "tiny.yaml", [*base, *overrides])
 
 
 def _samples(chain, record: dict, n: int, seed: int = 0) -> list[dict]:
@@ -54,7 +55,8 @@ def test_inverse_restores_original_grid_on_oblique_affine(configs_dir: Path, cas
     out = chain(dict(case))
     assert out["image"].shape[0] == SHAPE[3] and tuple(out["image"].shape[1:]) != SHAPE[:3]
     # a label map on the preprocessed grid goes back with the file's shape and affine
-    back = invert_prediction(chain, out["image"], out["label"].as_tensor().clone())  # a plain tensor, as predicted
+    predicted = out["label"].as_tensor().clone()  # a plain tensor, as the predictor has it
+    back = invert_prediction(chain, out["image"], predicted)
     assert tuple(back.shape) == (SHAPE[3],) + SHAPE[:3] and back.dtype == torch.uint8
     np.testing.assert_allclose(back.affine.numpy(), oblique_affine(), atol=1e-4)
     original = np.moveaxis(make_label(), -1, 0)
@@ -106,8 +108,8 @@ def test_foreground_in_frame0_only_is_sampled(configs_dir: Path, tmp_path: Path)
     aff = np.diag([1.5, 1.5, 8.0, 1.0])
     record = {"image": str(write_nifti(tmp_path / "i.nii.gz", make_image(label), aff, 30.0)),
               "label": str(write_nifti(tmp_path / "l.nii.gz", label, aff, 30.0))}
-    config = _config(configs_dir, "train.patch_size=[8,8,2]", "train.time_window=5", "train.foreground_oversample=1.0",
-                     "train.augment.rotate_prob=0.5", *NO_INTENSITY)
+    config = _config(configs_dir, "train.patch_size=[8,8,2]", "train.time_window=5",
+                     "train.foreground_oversample=1.0", "train.augment.rotate_prob=0.5", *NO_INTENSITY)
     for s in _samples(train_transforms(config, (1.5, 1.5, 8.0)), record, 8):
         assert ((s["label"] > 0) & (s["label"] < 255)).any()
 

@@ -73,7 +73,7 @@ class CaseLists:
         return self.training + self.validation + self.test
 
 
-# --- sources -------------------------------------------------------------------------------------------------
+# --- sources --------------------------------------------------------------------------------
 
 
 def _resolve_path(base: Path, value: Any, where: str) -> str:
@@ -96,15 +96,17 @@ def _record_from_item(item: Any, base: Path, where: str) -> dict:
             try:
                 frame = int(k)
             except (TypeError, ValueError):
-                raise DataError(where, f"label frame key {k!r} of {image} is not an integer frame index") from None
+                raise DataError(where, f"label frame key {k!r} of {image} is not an integer frame "
+                                       "index") from None
             mapping[frame] = _resolve_path(base, v, where)
         label = mapping
     elif label is not None:
         label = _resolve_path(base, label, where)
     frames = item.get("frames")
     if frames is not None:
-        if not isinstance(frames, list) or not all(isinstance(f, int) and not isinstance(f, bool) for f in frames):
-            raise DataError(where, f"'frames' of {image} must be a list of 0-based frame indices, got {frames!r}")
+        if not isinstance(frames, list) or any(isinstance(f, bool) or not isinstance(f, int) for f in frames):
+            raise DataError(where, f"'frames' of {image} must be a list of 0-based frame indices, "
+                                   f"got {frames!r}")
     elif isinstance(label, dict):
         frames = sorted(label)
     return {
@@ -167,7 +169,8 @@ def parse_info_cfg(path: str | os.PathLike) -> dict[str, Any]:
             raise DataError(p, f"'{key}' is not an integer ({info[key]!r})") from None
     for key in ("ED", "ES"):
         if not 1 <= info[key] <= info["NbFrame"]:
-            raise DataError(p, f"{key} = {info[key]} is outside frames 1..{info['NbFrame']} (ACDC frames count from 1)")
+            raise DataError(p, f"{key} = {info[key]} is outside frames 1..{info['NbFrame']} (ACDC frames "
+                               "count from 1)")
     return info
 
 
@@ -175,7 +178,9 @@ _PATIENT = re.compile(r"^patient\d+$")
 
 
 def _acdc_patients(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and _PATIENT.match(d.name) and (d / "Info.cfg").exists())
+    return sorted(
+        d for d in folder.iterdir() if d.is_dir() and _PATIENT.match(d.name) and (d / "Info.cfg").exists()
+    )
 
 
 def _acdc_record(patient: Path) -> dict:
@@ -230,13 +235,15 @@ def _phantom_lists(config: DataConfig, work_dir: Path) -> CaseLists:
     datalist = out / "datalist.json"
     if datalist.is_file():
         if marker.is_file() and json.loads(marker.read_text()) != wanted:
-            raise DataError(out, f"holds a phantom generated with {json.loads(marker.read_text())}, the config asks "
-                                 f"for {wanted}; remove the folder or use another run folder")
+            found = json.loads(marker.read_text())
+            raise DataError(out, f"holds a phantom generated with {found}, the config asks for {wanted}; "
+                                 "remove the folder or use another run folder")
         logger.info("reusing the phantom in %s", out)
     else:
         from trunet.data.phantom import write_phantom_dataset
 
-        logger.info("generating %d phantom cases (seed %d) in %s", config.phantom_cases, config.phantom_seed, out)
+        logger.info("generating %d phantom cases (seed %d) in %s", config.phantom_cases, config.phantom_seed,
+                    out)
         datalist = Path(write_phantom_dataset(out, cases=config.phantom_cases, seed=config.phantom_seed))
         write_json(marker, wanted)
     lists = read_datalist(datalist)
@@ -244,7 +251,7 @@ def _phantom_lists(config: DataConfig, work_dir: Path) -> CaseLists:
     return lists
 
 
-# --- checks --------------------------------------------------------------------------------------------------
+# --- checks ---------------------------------------------------------------------------------
 
 
 def _check_case(case: dict, allow_3d: bool) -> CineMeta:
@@ -267,8 +274,8 @@ def _check_case(case: dict, allow_3d: bool) -> CineMeta:
     if isinstance(label, dict):
         for frame, path in label.items():
             if not 0 <= int(frame) < t:
-                raise DataError(path, f"label frame index {frame} is out of range for {meta.path} with {t} frames "
-                                      "(0-based)")
+                raise DataError(path, f"label frame index {frame} is out of range for {meta.path} with {t} "
+                                      "frames (0-based)")
             lab = read_header(path)
             if lab.n_frames != 1:
                 raise DataError(path, f"a per-frame label must be 3D, got shape {lab.shape}")
@@ -281,11 +288,13 @@ def _check_case(case: dict, allow_3d: bool) -> CineMeta:
     for key in ("frames",):
         bad = [f for f in case.get(key) or [] if not 0 <= int(f) < t]
         if bad:
-            raise DataError(case["image"], f"labelled frame indices {bad} are out of range for {t} frames (0-based)")
+            raise DataError(case["image"], f"labelled frame indices {bad} are out of range for {t} frames "
+                                           "(0-based)")
     for key in ("ed", "es"):
         value = case.get(key)
         if value is not None and not 0 <= int(value) < t:
-            raise DataError(case["image"], f"{key.upper()} frame {value} is out of range for {t} frames (0-based)")
+            raise DataError(case["image"], f"{key.upper()} frame {value} is out of range for {t} frames "
+                                           "(0-based)")
     return meta
 
 
@@ -306,7 +315,7 @@ def validate_cases(lists: CaseLists, data_config: DataConfig) -> None:
         _check_case(case, data_config.allow_3d)
 
 
-# --- public --------------------------------------------------------------------------------------------------
+# --- public ---------------------------------------------------------------------------------
 
 
 def split_cases(cases: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -324,7 +333,8 @@ def split_cases(cases: list[dict], val_fraction: float, seed: int) -> tuple[list
     idx = list(range(n))
     random.Random(seed).shuffle(idx)
     val_idx = set(idx[:n_val])
-    return [c for i, c in enumerate(ordered) if i not in val_idx], [c for i, c in enumerate(ordered) if i in val_idx]
+    train = [c for i, c in enumerate(ordered) if i not in val_idx]
+    return train, [c for i, c in enumerate(ordered) if i in val_idx]
 
 
 def resolve_cases(data_config: DataConfig, work_dir: str | os.PathLike) -> CaseLists:
@@ -353,12 +363,15 @@ def resolve_cases(data_config: DataConfig, work_dir: str | os.PathLike) -> CaseL
             elif (r / "datalist.json").is_file():
                 lists = read_datalist(r / "datalist.json")
             else:
-                raise DataError(r, "neither an ACDC-layout root (patientNNN/Info.cfg) nor a folder with datalist.json")
+                raise DataError(r, "neither an ACDC-layout root (patientNNN/Info.cfg) nor a folder with "
+                                   "datalist.json")
         else:
             raise DataError(r, "data root not found")
     validate_cases(lists, data_config)
     if not lists.validation and lists.training:
-        lists.training, lists.validation = split_cases(lists.training, data_config.val_fraction, data_config.split_seed)
+        lists.training, lists.validation = split_cases(
+            lists.training, data_config.val_fraction, data_config.split_seed
+        )
     write_json(work / "splits.json", {
         "source": lists.source,
         "split_seed": data_config.split_seed,
@@ -447,8 +460,8 @@ def _make_dataset(cases: list[dict], transform, cache: str, cache_dir: Optional[
             digest = hashlib.sha1(key.encode()).hexdigest()[:12]
             # track_meta=True keeps the affine on cached reads (with False it is lost); that needs
             # weights_only=False to unpickle MetaTensors. The cache is our own, written by this process.
-            ds = _PersistentDataset(cases, transform, cache_dir=Path(cache_dir) / f"{tag}-{digest}", track_meta=True,
-                                    weights_only=False)
+            ds = _PersistentDataset(cases, transform, cache_dir=Path(cache_dir) / f"{tag}-{digest}",
+                                    track_meta=True, weights_only=False)
             for case in cases:
                 ds._cachecheck(case)  # fill (or check) the cache now; MONAI has no public warm-up
             return ds
@@ -477,7 +490,8 @@ def build_train_loader(
 
     Yields:
         dicts with ``image`` float32 ``(B, T_train, *patch)``, ``label`` int64 ``(B, T_train, *patch)``
-        (``ignore_index`` on unlabelled frames), ``frame_mask`` bool ``(B, T_train)``, ``case_id`` list of str.
+        (``ignore_index`` on unlabelled frames), ``frame_mask`` bool ``(B, T_train)``, ``case_id`` list of
+        str.
     Raises:
         DataError: no cases, or a case without label.
     """

@@ -1,6 +1,7 @@
 """Cine readers and MONAI transform chains (time as the channel axis).
 
-- :mod:`trunet.transforms.io`: ``load_cine``, ``load_label``, ``save_cine_like``, ``read_header``, ``CineMeta``.
+- :mod:`trunet.transforms.io`: ``load_cine``, ``load_label``, ``save_cine_like``, ``read_header``,
+  ``CineMeta``.
 - :mod:`trunet.transforms.cardiac`: transforms MONAI lacks (loading with the time step, temporal window,
   union-foreground patch sampling, unlabelled-frame masking).
 - :mod:`trunet.transforms.compose`: ``train_transforms``, ``inference_transforms``,

@@ -104,9 +104,12 @@ class LoadCined(MapTransform):
                 label_src, n_frames, d.get("frames"), like=meta, num_classes=self.num_classes,
                 ignore_index=self.ignore_index,
             )
-            label_meta = {"filename_or_obj": str(label_src) if not isinstance(label_src, Mapping) else str(path),
-                          "original_affine": meta.affine.copy(), "spatial_shape": np.asarray(meta.spatial_shape),
-                          "space": "RAS"}
+            label_meta = {
+                "filename_or_obj": str(path if isinstance(label_src, Mapping) else label_src),
+                "original_affine": meta.affine.copy(),
+                "spatial_shape": np.asarray(meta.spatial_shape),
+                "space": "RAS",
+            }
             d[self.label_key] = MetaTensor(torch.from_numpy(labels), affine=affine.clone(), meta=label_meta)
             d[self.frame_mask_key] = torch.from_numpy(mask)
         else:

@@ -18,8 +18,7 @@ default (``preprocessing["orientation"] = None``); a string such as ``"RAS"`` en
 
 from __future__ import annotations
 
-import math
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from monai.data import MetaTensor
@@ -159,11 +158,13 @@ def train_transforms(config: Config, target_spacing: Sequence[float]) -> Compose
         DeleteItemsd([_FG_IDX, _BG_IDX]),
     ]
     if aug.flip_prob > 0:
-        chain += [RandFlipd(keys, prob=aug.flip_prob, spatial_axis=0), RandFlipd(keys, prob=aug.flip_prob, spatial_axis=1)]
+        chain += [RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis) for axis in (0, 1)]
     if aug.elastic_prob > 0:
         # deformation in voxels of the patch; the field is smooth in-plane and along z alike
-        chain.append(Rand3DElasticd(keys, sigma_range=(5, 8), magnitude_range=(50, 150), prob=aug.elastic_prob,
-                                    mode=("bilinear", "nearest"), padding_mode="zeros"))
+        chain.append(Rand3DElasticd(
+            keys, sigma_range=(5, 8), magnitude_range=(50, 150), prob=aug.elastic_prob,
+            mode=("bilinear", "nearest"), padding_mode="zeros",
+        ))
     chain.append(MaskUnlabelledFramesd(LABEL, FRAME_MASK, ignore_index=ignore))
     if aug.noise_prob > 0 and aug.noise_std > 0:
         chain.append(RandGaussianNoised(IMAGE, prob=aug.noise_prob, mean=0.0, std=aug.noise_std))
@@ -188,15 +189,18 @@ def train_transforms(config: Config, target_spacing: Sequence[float]) -> Compose
     return Compose(chain)
 
 
-def invert_prediction(transform: Compose, image: Any, pred: torch.Tensor, nearest: bool = True) -> torch.Tensor:
+def invert_prediction(
+    transform: Compose, image: Any, pred: torch.Tensor, nearest: bool = True
+) -> torch.Tensor:
     """Map a prediction on the preprocessed grid back to the original image grid.
 
     Args:
         transform: the :func:`inference_transforms` chain that produced ``image``.
         image: the preprocessed ``image`` MetaTensor ``(T, X', Y', Z')`` of the case (its applied
             operations drive the inversion).
-        pred: tensor or MetaTensor ``(C, X', Y', Z')`` on the preprocessed grid (CPU or GPU), e.g. a label map ``(T, ...)`` (use
-            ``nearest=True``) or per-frame probabilities of one class; fold ``(T, K)`` into ``C`` first.
+        pred: tensor or MetaTensor ``(C, X', Y', Z')`` on the preprocessed grid (CPU or GPU), e.g. a
+            label map ``(T, ...)`` (use ``nearest=True``) or per-frame probabilities of one class; fold
+            ``(T, K)`` into ``C`` first.
         nearest: nearest-neighbour interpolation (labels) instead of the transforms' own modes.
 
     Returns:
@@ -205,7 +209,8 @@ def invert_prediction(transform: Compose, image: Any, pred: torch.Tensor, neares
     """
     dtype = pred.dtype
     if not isinstance(pred, MetaTensor):
-        pred = MetaTensor(pred)  # Invertd takes the operations from ``image``; a plain tensor would be skipped
+        # Invertd takes the operations from ``image``, but skips a plain tensor
+        pred = MetaTensor(pred)
     inverter = Invertd(keys="pred", transform=transform, orig_keys=IMAGE, nearest_interp=nearest)
     out = inverter({"pred": pred, IMAGE: image})["pred"]
     if not torch.is_floating_point(torch.empty(0, dtype=dtype)):

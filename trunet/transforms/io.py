@@ -93,9 +93,11 @@ def _natural_key(name: str) -> list:
 
 
 def _frame_files(folder: Path) -> list[Path]:
-    files = sorted((p for p in folder.iterdir() if p.is_file() and is_image_path(p)), key=lambda p: _natural_key(p.name))
+    files = [p for p in folder.iterdir() if p.is_file() and is_image_path(p)]
+    files.sort(key=lambda p: _natural_key(p.name))
     if not files:
-        raise DataError(folder, "folder holds no image files (.nii.gz, .nii, .mha, .mhd, .nrrd) to use as frames")
+        raise DataError(folder, "folder holds no image files (.nii.gz, .nii, .mha, .mhd, .nrrd) to use as "
+                                "frames")
     return files
 
 
@@ -109,8 +111,8 @@ def _pick_reader(path: Path, reader: Reader) -> str:
         return "sitk"
     raise DataError(
         path,
-        "not an image: unsupported file type (expected .nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr or a folder of "
-        "per-frame 3D files)",
+        "not an image: unsupported file type (expected .nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr or a folder "
+        "of per-frame 3D files)",
     )
 
 
@@ -125,7 +127,7 @@ def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))  # type: ignore[return-value]
 
 
-# --- nibabel -------------------------------------------------------------------------------------------------
+# --- nibabel --------------------------------------------------------------------------------
 
 
 def _nib_open(path: Path) -> nib.Nifti1Image:
@@ -160,7 +162,8 @@ def _nib_meta(path: Path, img: nib.Nifti1Image) -> CineMeta:
         raise DataError(path, f"is a {ndim}D image {shape}; a cine (x, y, z, t) is expected")
     affine = np.asarray(img.affine, dtype=np.float64)
     t = shape[3] if ndim == 4 else 1
-    return CineMeta(affine, _spacing(affine), _nib_time_step(img) if ndim == 4 else None, shape[:3] + (t,), str(path), ndim)
+    time_step = _nib_time_step(img) if ndim == 4 else None
+    return CineMeta(affine, _spacing(affine), time_step, shape[:3] + (t,), str(path), ndim)
 
 
 def _nib_data(path: Path, img: nib.Nifti1Image, meta: CineMeta, integer: bool) -> np.ndarray:
@@ -171,7 +174,7 @@ def _nib_data(path: Path, img: nib.Nifti1Image, meta: CineMeta, integer: bool) -
     return data.reshape(meta.shape)  # drops trailing singleton dims, adds T=1 to a 3D image
 
 
-# --- SimpleITK -----------------------------------------------------------------------------------------------
+# --- SimpleITK ------------------------------------------------------------------------------
 
 
 def _sitk_geometry(path: Path, size, spacing, origin, direction, dim: int, is_nifti: bool) -> CineMeta:
@@ -187,7 +190,8 @@ def _sitk_geometry(path: Path, size, spacing, origin, direction, dim: int, is_ni
         # ITK converts a NIfTI's time unit to seconds; MetaImage/NRRD store what was written (trunet: ms)
         time_step = float(spacing[3]) * (1000.0 if is_nifti else 1.0)
     t = int(size[3]) if dim == 4 else 1
-    return CineMeta(affine, _spacing(affine), time_step, tuple(int(s) for s in size[:3]) + (t,), str(path), dim)
+    shape = tuple(int(s) for s in size[:3]) + (t,)
+    return CineMeta(affine, _spacing(affine), time_step, shape, str(path), dim)  # type: ignore[arg-type]
 
 
 def _sitk_header(path: Path) -> CineMeta:
@@ -200,8 +204,8 @@ def _sitk_header(path: Path) -> CineMeta:
     except RuntimeError as exc:
         raise DataError(path, f"not an image SimpleITK can read ({_first_line(exc)})") from None
     return _sitk_geometry(
-        path, reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), reader.GetDimension(),
-        path.name.lower().endswith(NIFTI_SUFFIXES),
+        path, reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(),
+        reader.GetDimension(), path.name.lower().endswith(NIFTI_SUFFIXES),
     )
 
 
@@ -231,7 +235,7 @@ def _sitk_read(path: Path, integer: bool) -> tuple[np.ndarray, CineMeta]:
     return arr.reshape(meta.shape), meta
 
 
-# --- public --------------------------------------------------------------------------------------------------
+# --- public ---------------------------------------------------------------------------------
 
 
 def _read_one(path: Path, reader: Reader, integer: bool) -> tuple[np.ndarray, CineMeta]:
@@ -265,9 +269,11 @@ def _folder_meta(folder: Path, frames: list[CineMeta]) -> CineMeta:
         if m.ndim != 3 and m.n_frames != 1:
             raise DataError(m.path, "a frame of a per-frame folder must be a 3D image")
         if m.spatial_shape != first.spatial_shape:
-            raise DataError(m.path, f"frame shape {m.spatial_shape} differs from the first frame's {first.spatial_shape}")
+            raise DataError(m.path, f"frame shape {m.spatial_shape} differs from the first frame's "
+                                    f"{first.spatial_shape}")
         if not _same_affine(m.affine, first.affine):
-            raise DataError(m.path, "frame affine differs from the first frame's (frames must share one geometry)")
+            raise DataError(m.path, "frame affine differs from the first frame's (frames must share one "
+                                    "geometry)")
     return CineMeta(first.affine, first.spacing, None, first.spatial_shape + (len(frames),), str(folder), 4,
                     [m.path for m in frames])
 
@@ -293,7 +299,9 @@ def _check_finite(path: str, data: np.ndarray) -> None:
         raise DataError(path, f"contains {int(bad.sum())} NaN or infinite intensities")
 
 
-def load_cine(path: PathLike, *, allow_3d: bool = False, reader: Reader = "auto") -> tuple[np.ndarray, CineMeta]:
+def load_cine(
+    path: PathLike, *, allow_3d: bool = False, reader: Reader = "auto"
+) -> tuple[np.ndarray, CineMeta]:
     """Read a cine.
 
     Args:
@@ -356,7 +364,8 @@ def _check_geometry(label_meta: CineMeta, like: CineMeta, what: str = "label") -
     if label_meta.spatial_shape != like.spatial_shape:
         raise DataError(
             label_meta.path,
-            f"{what} shape {label_meta.spatial_shape} differs from the image's {like.spatial_shape} ({like.path})",
+            f"{what} shape {label_meta.spatial_shape} differs from the image's {like.spatial_shape} "
+            f"({like.path})",
         )
     if not _same_affine(label_meta.affine, like.affine):
         raise DataError(label_meta.path, f"{what} affine differs from the image's ({like.path})")
@@ -405,7 +414,8 @@ def load_label(
         for frame, file in sorted(label.items(), key=lambda kv: int(kv[0])):
             f = int(frame)
             if not 0 <= f < n_frames:
-                raise DataError(file, f"label frame index {f} is out of range for a cine of {n_frames} frames (0-based)")
+                raise DataError(file, f"label frame index {f} is out of range for a cine of {n_frames} "
+                                      "frames (0-based)")
             data, meta = _read_one(Path(file), reader, integer=True)
             if meta.n_frames != 1:
                 raise DataError(file, f"a per-frame label must be 3D, got shape {meta.shape}")
@@ -425,7 +435,7 @@ def load_label(
     _check_exists(p)
     if p.is_dir():
         return load_label(
-            {i: f for i, f in enumerate(_frame_files(p))}, n_frames, frames, like=like, num_classes=num_classes,
+            dict(enumerate(_frame_files(p))), n_frames, frames, like=like, num_classes=num_classes,
             ignore_index=ignore_index, reader=reader,
         )
     data, meta = _read_one(p, reader, integer=True)
@@ -473,7 +483,8 @@ def save_cine_like(
     arr = np.asarray(array)
     expected = (meta.n_frames,) + meta.spatial_shape
     if arr.shape != expected:
-        raise ValueError(f"save_cine_like: array shape {arr.shape} differs from the reference's (T, X, Y, Z) {expected}")
+        raise ValueError(f"save_cine_like: array shape {arr.shape} differs from the reference's (T, X, Y, Z) "
+                         f"{expected}")
     data = np.moveaxis(arr, 0, -1).astype(dtype, copy=False)  # (x, y, z, t)
     if meta.ndim == 3:
         data = data[..., 0]
