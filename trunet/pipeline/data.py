@@ -452,7 +452,8 @@ def _make_dataset(cases: list[dict], transform, cache: str, cache_dir: Optional[
     """
     with unwrap_data_errors():
         if cache == "memory":
-            return _CacheDataset(cases, transform, cache_rate=1.0, num_workers=1, progress=len(cases) > 4)
+            threads = max(1, min(4, os.cpu_count() or 1))  # nibabel's gzip and torch release the GIL
+            return _CacheDataset(cases, transform, cache_rate=1.0, num_workers=threads, progress=len(cases) > 4)
         if cache == "disk":
             if cache_dir is None:
                 raise ValueError("data.cache = disk needs a cache_dir")

@@ -65,6 +65,7 @@ __all__ = [
 
 IMAGE, LABEL, FRAME_MASK = "image", "label", "frame_mask"
 _FG = "fg"
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # affines are RAS (nibabel's convention)
 _FG_IDX, _BG_IDX = "fg_fg_indices", "fg_bg_indices"  # FgBgToIndicesd's default key names for "fg"
 
 
@@ -101,7 +102,8 @@ def deterministic_transforms(preprocessing: dict[str, Any]) -> list:
         )
     ]
     if preprocessing.get("orientation"):
-        chain.append(Orientationd(keys, axcodes=preprocessing["orientation"], allow_missing_keys=True))
+        chain.append(Orientationd(keys, axcodes=preprocessing["orientation"], labels=_RAS_LABELS,
+                                  allow_missing_keys=True))
     chain += [
         Spacingd(keys, pixdim=tuple(preprocessing["target_spacing"]), mode=("bilinear", "nearest"),
                  allow_missing_keys=True),
