@@ -31,7 +31,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor, PersistentDataset
 from monai.transforms import Compose, Randomizable
 
 from trunet.atomic import write_json
@@ -464,7 +464,10 @@ def _make_dataset(cases: list[dict], transform, cache: str, cache_dir: Optional[
             ds = _PersistentDataset(cases, transform, cache_dir=Path(cache_dir) / f"{tag}-{digest}",
                                     track_meta=True, weights_only=False)
             for case in cases:
-                ds._cachecheck(case)  # fill (or check) the cache now; MONAI has no public warm-up
+                item = ds._cachecheck(case)  # fill (or read) the cache now; MONAI has no public warm-up
+                image = item["image"] if isinstance(item, dict) else None
+                if not isinstance(image, MetaTensor) or tuple(image.affine.shape) != (4, 4):
+                    raise RuntimeError(f"persistent cache {ds.cache_dir} lost the geometry of {case['image']}")
             return ds
         ds = _Dataset(cases, transform)
         first_random = transform.get_index_of_first(lambda t: isinstance(t, Randomizable))
