@@ -67,6 +67,45 @@ def _kernel_tuple(kernel_size: KernelArg, spatial_dims: int) -> tuple[int, ...]:
     return kernel
 
 
+def _mkldnn_would_be_skipped(h: Tensor) -> bool:
+    """Whether PyTorch's CPU convolution falls back to its slow (im2col) kernel for this input.
+
+    ATen picks oneDNN for a float32 convolution only if ``N > 1`` or ``N * C * S0 * S1 > 20480`` (``S0, S1``
+    the first two spatial sizes; a heuristic tuned for 2D). A one-sample hidden state of a coarse level
+    misses both, and the fallback's backward is 1.5-3x slower. bfloat16 (autocast) always takes oneDNN.
+    """
+    return (
+        h.device.type == "cpu"
+        and h.shape[0] == 1
+        and h.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and h.shape[1] * h.shape[2] * h.shape[3] <= 20480
+    )
+
+
+def _conv_as_two_halves(fconv, h: Tensor, weight: Tensor, padding: tuple[int, ...]) -> Optional[Tensor]:
+    """``fconv(h, weight, padding=padding)`` for one sample, computed as a batch of two halves.
+
+    The first even spatial axis is cut in two halves, each with a halo of ``padding`` voxels of its
+    neighbour (zeros at the border, as 'same' padding), so the same FLOPs run as a batch of two, which
+    oneDNN takes (see :func:`_mkldnn_would_be_skipped`). Returns None when no axis can be halved.
+    """
+    for axis in range(2, h.dim()):
+        size, pad = h.shape[axis], padding[axis - 2]
+        if size % 2 or size < 2 * max(pad, 1):
+            continue
+        half = size // 2
+        spec = [0, 0] * (h.dim() - 2)
+        spec[2 * (h.dim() - 1 - axis)] = spec[2 * (h.dim() - 1 - axis) + 1] = pad
+        padded = F.pad(h, spec)
+        parts = torch.cat([padded.narrow(axis, 0, half + 2 * pad), padded.narrow(axis, half, half + 2 * pad)])
+        inner = list(padding)
+        inner[axis - 2] = 0
+        out = fconv(parts, weight, None, padding=tuple(inner))
+        return torch.cat([out[:1], out[1:]], dim=axis)
+    return None
+
+
 class ConvLSTMCell(nn.Module):
     """One ConvLSTM cell (one layer, one direction).
 
@@ -120,8 +159,9 @@ class ConvLSTMCell(nn.Module):
     # -- the two halves of the gate convolution -------------------------------------------------------
     def split_weight(self) -> tuple[Tensor, Tensor]:
         """``(W_x, W_h)``: views of ``conv.weight``, shapes ``(4H, input_dim, *k)`` and ``(4H, H, *k)``."""
-        w = self.conv.weight
-        return w[:, : self.input_dim], w[:, self.input_dim :]
+        # split, not indexing: its backward is one concatenation, not a zero-filled copy per part
+        w_x, w_h = self.conv.weight.split([self.input_dim, self.hidden_dim], dim=1)
+        return w_x, w_h
 
     def input_to_state(self, x: Tensor, w_x: Optional[Tensor] = None) -> Tensor:
         """``W_x * x + b`` for any number of frames folded into the batch: ``(N, input_dim, *sp) -> (N, 4H, *sp)``."""
@@ -139,26 +179,37 @@ class ConvLSTMCell(nn.Module):
         h, c = state
         if w_h is None:
             w_h = self.split_weight()[1]
-        return self._gates(gx + self._fconv(h, w_h, None, padding=self.padding), c)
+        return self._gates(gx + self.state_to_state(h, w_h), c)
+
+    def state_to_state(self, h: Tensor, w_h: Tensor) -> Tensor:
+        """``W_h * h``: ``(B, H, *sp) -> (B, 4H, *sp)`` (no bias: it is in the input part)."""
+        if _mkldnn_would_be_skipped(h):
+            out = _conv_as_two_halves(self._fconv, h, w_h, self.padding)
+            if out is not None:
+                return out
+        return self._fconv(h, w_h, None, padding=self.padding)
 
     def _gates(self, a: Tensor, c_prev: Optional[Tensor]) -> State:
         """Gate arithmetic on the pre-activations ``a`` ``(B, 4H, *sp)`` (order i, f, o, g)."""
+        # split/chunk rather than slicing: their backward is one concatenation instead of one zero-filled
+        # full-size gradient per slice
         n = self.hidden_dim
-        g = torch.tanh(a[:, 3 * n :])
         if self.w_peephole is None:
-            ifo = torch.sigmoid(a[:, : 3 * n])
-            i, f, o = ifo[:, :n], ifo[:, n : 2 * n], ifo[:, 2 * n :]
+            a_ifo, a_g = a.split([3 * n, n], dim=1)
+            i, f, o = torch.sigmoid(a_ifo).chunk(3, dim=1)
+            g = torch.tanh(a_g)
             c = i * g if c_prev is None else torch.addcmul(i * g, f, c_prev)
             return o * torch.tanh(c), c
         w = self.w_peephole.view(3, 1, n, *([1] * self.spatial_dims))
+        a_i, a_f, a_o, a_g = a.chunk(4, dim=1)
+        g = torch.tanh(a_g)
         if c_prev is None:
-            i = torch.sigmoid(a[:, :n])
-            c = i * g
+            c = torch.sigmoid(a_i) * g
         else:
-            i = torch.sigmoid(torch.addcmul(a[:, :n], w[0], c_prev))
-            f = torch.sigmoid(torch.addcmul(a[:, n : 2 * n], w[1], c_prev))
+            i = torch.sigmoid(torch.addcmul(a_i, w[0], c_prev))
+            f = torch.sigmoid(torch.addcmul(a_f, w[1], c_prev))
             c = torch.addcmul(i * g, f, c_prev)
-        o = torch.sigmoid(torch.addcmul(a[:, 2 * n : 3 * n], w[2], c))
+        o = torch.sigmoid(torch.addcmul(a_o, w[2], c))
         return o * torch.tanh(c), c
 
     def forward(self, input_tensor: Tensor, cur_state: Sequence[Tensor]) -> State:
@@ -324,8 +375,9 @@ class ConvLSTM(nn.Module):
         hs: list[Tensor] = [None] * steps  # type: ignore[list-item]
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         use_ckpt = self.checkpointing and torch.is_grad_enabled()
+        frames = gx.unbind(t_axis)  # one backward (a stack) instead of a zero-filled gradient per frame
         for t in order:
-            g_t = gx.select(t_axis, t)
+            g_t = frames[t]
             if use_ckpt:
                 state = checkpoint(cell.step, g_t, state, w_h, use_reentrant=False)
             else:
