@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from trunet.pipeline import distributed as D
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_single_process_is_a_no_op(monkeypatch):
@@ -64,3 +69,42 @@ def test_two_gloo_ranks():
         assert mean == pytest.approx([0.5, 5.0]) and scalar == pytest.approx(1.5)
         assert gathered == [{"rank": 0}, {"rank": 1}]
         assert from_zero == "hello from 0"
+
+
+def _torchrun(run: Path, datalist: Path, debug: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRUNET_DEBUG_DIR=str(debug), WANDB_MODE="offline")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "trunet", "train", "--config", str(REPO / "configs" / "tiny.yaml"), "--data", str(datalist),
+           "--run-dir", str(run), "tracking.wandb.mode=disabled", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """torchrun with 2 Gloo ranks: identical weights on both ranks, checkpoints written by rank 0 only,
+    and --resume under torchrun continues the run."""
+    from trunet.data.phantom import write_phantom_dataset
+    from trunet.pipeline.checkpoint import build_model, load_checkpoint
+    from trunet.pipeline.train import parameter_checksum
+
+    datalist = write_phantom_dataset(tmp_path / "phantom", cases=4, seed=0, inplane_scale=2.5, max_frames=6)
+    run, debug = tmp_path / "run", tmp_path / "debug"
+    result = _torchrun(run, datalist, debug, "train.epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _torchrun(run, datalist, debug, "train.epochs=2", "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    params0 = (debug / "rank0-params.txt").read_text().splitlines()
+    params1 = (debug / "rank1-params.txt").read_text().splitlines()
+    assert [line.split()[1] for line in params0] == ["1", "2"]
+    assert params0 == params1  # same weights on both ranks after every epoch
+    saves = (debug / "rank0-saves.txt").read_text().splitlines()
+    assert not (debug / "rank1-saves.txt").exists()  # rank 1 never writes a checkpoint
+    assert [s.split()[0].rsplit("/", 1)[-1] for s in saves].count("latest.pt") == 2  # once per epoch
+
+    latest = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert latest["epoch"] == 2 and latest["iteration"] == 4
+    assert repr(parameter_checksum(build_model(latest))) == params0[-1].split()[2]
+    log = (run / "log.txt").read_text()
+    assert "x 2 processes (gloo)" in log and "resuming" in log
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].startswith("1,2,") and rows[2].startswith("2,4,")

@@ -69,6 +69,7 @@ __all__ = [
     "poly_lr_lambda",
     "autocast_dtype",
     "default_run_dir",
+    "parameter_checksum",
     "Trainer",
 ]
 
@@ -356,6 +357,13 @@ class Trainer:
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # the data workers need cores too: oversubscribed OpenMP threads slow a step down manyfold
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(max(1, cores // ctx.world_size - c.data.num_workers))
+            logger.info("CPU training with %d thread(s) and %d data worker(s)", torch.get_num_threads(),
+                        c.data.num_workers)
+
         # rank 0 resolves (and maybe generates) the data first; the others then find it in place
         if ctx.is_main:
             lists = resolve_cases(c.data, self.run_dir)
@@ -466,12 +474,25 @@ class Trainer:
                     self.iteration, "none" if self.best_metric is None else f"{self.best_metric:.4f}")
 
     def save(self, best: bool = False) -> None:
+        """Rank 0 writes ``latest.pt`` (and ``best.pt``); the other ranks write nothing."""
         if not self.ctx.is_main:
             return
         payload = self.payload()
         ckpt.save_checkpoint(self.latest_path, payload)
+        _debug_record(self.ctx, "saves", f"{self.latest_path} epoch {self.epoch} step {self.iteration}")
         if best:
             ckpt.save_checkpoint(self.best_path, payload)
+            _debug_record(self.ctx, "saves", f"{self.best_path} epoch {self.epoch} step {self.iteration}")
+
+    def check_replicas(self) -> None:
+        """Under DDP, check that every rank holds the same weights (one float per rank gathered)."""
+        checksum = parameter_checksum(self.model)
+        _debug_record(self.ctx, "params", f"epoch {self.epoch} {checksum!r}")
+        if not self.ctx.distributed:
+            return
+        sums = dist_utils.all_gather_objects(checksum, self.ctx)
+        if any(not math.isclose(v, sums[0], rel_tol=1e-9, abs_tol=1e-9) for v in sums):
+            raise TrunetError(f"data-parallel ranks hold different weights after epoch {self.epoch}: checksums {sums}")
 
     # -- data --------------------------------------------------------------------------------------
     def _epoch_loader(self, seed: int, steps: int) -> Any:
@@ -569,7 +590,7 @@ class Trainer:
 
         k = len(self.classes)
         predictor = Predictor(self.model, self.preprocessing, self.config.infer, device=self.device,
-                              amp=self.t.amp)
+                              amp=self.t.amp, amp_on_cpu=self.t.amp)  # as in training: bf16 on CPU too
         rows: list[dict[str, Any]] = []
         visuals: list[dict[str, Any]] = []
         shown = self.config.tracking.wandb.num_val_images if self.ctx.is_main else 0
@@ -734,6 +755,7 @@ class Trainer:
         self.epoch += 1
         self.epoch_iteration = 0
         self.partial = {"loss_sum": 0.0, "loss_count": 0, "skipped": 0}
+        self.check_replicas()
         self.save(best=is_best)
         self.write_metrics()
         dist_utils.barrier(ctx)
@@ -752,6 +774,22 @@ def _nanmean(values: Tensor) -> float:
     values = torch.as_tensor(values, dtype=torch.float64)
     finite = values[~torch.isnan(values)]
     return float(finite.mean()) if finite.numel() else float("nan")
+
+
+def _debug_record(ctx: DistContext, name: str, line: str) -> None:
+    """Test hook: with ``TRUNET_DEBUG_DIR`` set, append ``line`` to ``<dir>/rank<r>-<name>.txt``."""
+    folder = os.environ.get("TRUNET_DEBUG_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with open(Path(folder) / f"rank{ctx.rank}-{name}.txt", "a") as fh:
+            fh.write(line + "\n")
+
+
+def parameter_checksum(model: nn.Module) -> float:
+    """A float64 fingerprint of the weights (sum of each tensor times its 1-based position)."""
+    with torch.no_grad():
+        return float(sum((i + 1) * p.detach().double().sum().item() for i, p in enumerate(model.state_dict().values())
+                         if p.is_floating_point()))
 
 
 def _debug_loss_hook(loss: Tensor, iteration: int) -> Tensor:

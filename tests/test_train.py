@@ -1,0 +1,273 @@
+"""The training job on a tiny phantom: the CLI end to end (run folder, checkpoints, W&B records), exact
+resume, SIGTERM, non-finite losses, config and run-folder errors, sparse ED/ES labels, and the loss."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trunet.cli import main
+from trunet.errors import TrunetError
+from trunet.pipeline import train as T
+from trunet.pipeline.checkpoint import build_model, load_checkpoint
+from trunet.pipeline.config import load_config
+from wandb_records import history_keys, read_wandb_records, records_of, wandb_files
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+QUIET = ["tracking.wandb.mode=disabled"]
+
+
+@pytest.fixture(scope="session")
+def phantom(tmp_path_factory) -> Path:
+    """4 small phantom cases (coarse in-plane grid, 6 frames) in ACDC layout + datalist.json."""
+    from trunet.data.phantom import write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("phantom")
+    write_phantom_dataset(out, cases=4, seed=0, inplane_scale=2.5, max_frames=6)
+    return out
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    env.pop("TRUNET_DEBUG_NAN_STEPS", None)
+    return env
+
+
+def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trunet", "train", *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env(), cwd=REPO)
+
+
+def _metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _train(run: Path, phantom: Path, *overrides: str, resume: bool = False) -> Path:
+    config = load_config(TINY, [f"data.root={phantom / 'datalist.json'}", *QUIET, *overrides])
+    return T.run_training(config, run_dir=run, resume=resume, config_path=TINY)
+
+
+# --- units ---------------------------------------------------------------------------------------------------
+
+
+def test_loss_matches_monai_on_dense_labels():
+    from monai.losses import DiceLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 6, 5, 2)
+    label = torch.randint(0, 4, (2, 3, 6, 5, 2))
+    ours = T.MaskedDiceCELoss(4)(logits, label, torch.ones(2, 3, dtype=torch.bool))
+    x, y = logits.flatten(0, 1), label.flatten(0, 1)
+    ref = F.cross_entropy(x, y) + DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)(
+        x, y.unsqueeze(1))
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_unlabelled_frames_get_no_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 4, 6, 6, 2, requires_grad=True)
+    label = torch.randint(0, 4, (2, 4, 6, 6, 2))
+    frame_mask = torch.tensor([[True, False, False, True], [False, True, False, False]])
+    label[~frame_mask] = 255
+    loss = T.DeepSupervisionLoss(T.MaskedDiceCELoss(4))(
+        [logits, logits[..., ::2, ::2, :]], label, frame_mask)  # deep supervision path too
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.count_nonzero(logits.grad[~frame_mask]) == 0
+    assert all(torch.count_nonzero(g) > 0 for g in logits.grad[frame_mask])
+    none = T.MaskedDiceCELoss(4)(logits, label, torch.zeros(2, 4, dtype=torch.bool))
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_deep_supervision_and_schedule_helpers():
+    assert T.deep_supervision_weights(3) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    label = torch.tensor([1, 255, 3, 2, 0, 255, 3, 3]).reshape(1, 1, 4, 2, 1)
+    small = T.downsample_label(label, (2, 1, 1))
+    assert small.shape == (1, 1, 2, 1, 1) and small.dtype == label.dtype
+    assert set(small.unique().tolist()) <= set(label.unique().tolist())  # nearest: no new values
+    assert (T.downsample_label(torch.full((1, 2, 4, 4, 2), 255), (2, 2, 1)) == 255).all()
+    f = T.poly_lr_lambda(total_steps=100, warmup_steps=10, power=0.9)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5**0.9) and f(100) == 0.0
+    assert T.autocast_dtype(torch.device("cpu"), True) == torch.bfloat16
+    assert T.autocast_dtype(torch.device("cpu"), False) is None
+    assert T.default_run_dir("configs/demo.yaml").parent == Path("runs")
+    assert T.default_run_dir("configs/demo.yaml").name.startswith("demo-")
+
+
+# --- end to end ----------------------------------------------------------------------------------------------
+
+
+def test_cli_end_to_end(tmp_path, phantom):
+    run = tmp_path / "run"
+    result = _cli("--config", str(TINY), "--data", str(phantom / "datalist.json"), "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("config.yaml", "splits.json", "metrics.csv", "log.txt", "checkpoints/latest.pt", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    rows = _metrics(run)
+    assert [r["epoch"] for r in rows] == ["1", "2"] and [r["iteration"] for r in rows] == ["2", "4"]
+    for r in rows:
+        assert float(r["train_loss"]) > 0 and 0.0 <= float(r["val_mean_dice"]) <= 1.0
+        assert float(r["val_dice_LV"]) >= 0 and r["val_hd95_RV"] != ""
+    log = (run / "log.txt").read_text()
+    assert "epoch 2/2" in log and "val Dice RV" in log
+
+    latest = load_checkpoint(run / "checkpoints" / "latest.pt", classes=["background", "RV", "MYO", "LV"])
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert latest["epoch"] == 2 and latest["iteration"] == 4 and latest["optimizer"]["state"]
+    assert best["best_metric"] == max(float(r["val_mean_dice"]) for r in rows)
+    assert latest["preprocessing"]["target_spacing"] == [4.0, 4.0, 8.0]
+    assert [m["train_loss"] for m in latest["metrics"]] == [float(r["train_loss"]) for r in rows]
+    model = build_model(best)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 1, 32, 32, 4))
+    assert out.shape == (1, 3, 4, 32, 32, 4)
+
+    (wandb_file,) = wandb_files(run)
+    records = read_wandb_records(wandb_file)
+    keys = history_keys(records)
+    assert {"train/loss", "train/lr", "train/samples_per_s", "val/mean_dice", "val/dice/LV", "val/hd95/MYO",
+            "epoch/train_loss"} <= keys
+    assert any(k.startswith("val_images/") and k.endswith("masks.prediction._type") for k in keys)
+    assert any(k.startswith("val_cine/") and k.endswith("._type") for k in keys)
+    assert "val/cases._type" in keys
+    run_config = records_of(records, "run")[0]["config"]["update"]
+    assert "train" in run_config and "model" in run_config
+    models = [a for a in records_of(records, "artifact") if a.get("type") == "model"]
+    aliases = [set(a["aliases"]) for a in models]
+    assert any("best" in a for a in aliases) and any("latest" in a for a in aliases)
+    assert not any(p.name.startswith(".") and p.suffix == ".tmp" for p in run.rglob("*"))
+
+
+def test_resume_equals_uninterrupted(tmp_path, phantom, monkeypatch):
+    overrides = ["train.epochs=2", "train.deterministic=true", "data.val_fraction=0"]
+    straight = _train(tmp_path / "straight", phantom, *overrides)
+
+    original = T.Trainer._end_epoch
+
+    class Killed(Exception):
+        pass
+
+    def end_epoch_then_die(self, seconds):
+        original(self, seconds)
+        if self.epoch == 1:
+            raise Killed  # the job dies right after epoch 1's checkpoint
+
+    monkeypatch.setattr(T.Trainer, "_end_epoch", end_epoch_then_die)
+    with pytest.raises(Killed):
+        _train(tmp_path / "stopped", phantom, *overrides)
+    monkeypatch.setattr(T.Trainer, "_end_epoch", original)
+    assert load_checkpoint(tmp_path / "stopped" / "checkpoints" / "latest.pt")["epoch"] == 1
+    _train(tmp_path / "stopped", phantom, *overrides, resume=True)
+
+    a, b = _metrics(straight), _metrics(tmp_path / "stopped")
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]  # bit-identical floats (repr)
+    wa = load_checkpoint(straight / "checkpoints" / "latest.pt")["model_state"]
+    wb = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "latest.pt")["model_state"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigterm_saves_and_resumes(tmp_path, phantom):
+    run = tmp_path / "run"
+    args = ["--config", str(TINY), "--data", str(phantom / "datalist.json"), "--run-dir", str(run),
+            *QUIET, "train.epochs=1000", "data.val_fraction=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "trunet", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    latest = run / "checkpoints" / "latest.pt"
+    deadline = time.time() + 120
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert latest.exists(), proc.communicate()[1][-2000:] if proc.poll() is not None else "no checkpoint in time"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped by SIGTERM" in stderr and "latest.pt is saved" in stderr
+    payload = load_checkpoint(latest)
+    stopped_epoch = payload["epoch"]
+    assert 1 <= stopped_epoch < 1000 and payload["iteration"] == 2 * stopped_epoch + payload["epoch_iteration"]
+    assert not [p for p in latest.parent.iterdir() if p.name != "latest.pt"]  # no temporary files
+
+    result = _cli(*args[:-2], *QUIET, f"train.epochs={stopped_epoch + 1}", "data.val_fraction=0", "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = _metrics(run)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, stopped_epoch + 2))
+    assert load_checkpoint(latest)["iteration"] == 2 * (stopped_epoch + 1)
+
+
+def test_nonfinite_loss_skipped_then_stops(tmp_path, phantom, monkeypatch, caplog):
+    monkeypatch.setenv("TRUNET_DEBUG_NAN_STEPS", "1")
+    run = _train(tmp_path / "one", phantom, "data.val_fraction=0", "train.max_nonfinite=2")
+    rows = _metrics(run)
+    assert [r["skipped_steps"] for r in rows] == ["1", "0"]
+    assert "non-finite loss at epoch 1, step 2: step skipped" in caplog.text
+    assert rows[0]["train_loss"] != "" and float(rows[0]["train_loss"]) > 0  # the mean of the finite step
+
+    monkeypatch.setenv("TRUNET_DEBUG_NAN_STEPS", "3,4,5")
+    with pytest.raises(TrunetError, match="non-finite loss in 3 consecutive steps") as info:
+        _train(tmp_path / "many", phantom, "data.val_fraction=0", "train.epochs=3", "train.max_nonfinite=3")
+    assert "latest.pt (epoch 2)" in str(info.value)
+    assert load_checkpoint(tmp_path / "many" / "checkpoints" / "latest.pt")["epoch"] == 2
+
+
+def test_user_errors_are_one_line(tmp_path, phantom, capsys):
+    data = ["--data", str(phantom / "datalist.json")]
+
+    def fails(*args: str) -> str:
+        assert main(["train", "--config", str(TINY), *data, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("trunet train: error:") and "\n" not in err and "Traceback" not in err
+        return err
+
+    assert "unknown key 'train.foo'" in fails("--run-dir", str(tmp_path / "a"), "train.foo=1")
+    assert "'train.lr' must be a number" in fails("--run-dir", str(tmp_path / "a"), "train.lr=fast")
+    assert "does not fit the model" in fails("--run-dir", str(tmp_path / "b"), *QUIET, "train.patch_size=[30,30,4]")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    assert "not empty" in fails("--run-dir", str(busy))
+    assert (busy / "notes.txt").read_text() == "keep me"
+    assert "nothing to resume" in fails("--run-dir", str(tmp_path / "none"), "--resume")
+    assert "--resume needs --run-dir" in fails("--resume")
+    assert "data root not found" in fails("--run-dir", str(tmp_path / "c"), "--data", str(tmp_path / "missing"))
+
+    run = tmp_path / "done"
+    assert main(["train", "--config", str(TINY), *data, "--run-dir", str(run), *QUIET, "train.epochs=1",
+                 "data.val_fraction=0"]) == 0
+    capsys.readouterr()
+    assert "changes the training (model.channels" in fails("--run-dir", str(run), "--resume", *QUIET,
+                                                           "data.val_fraction=0", "model.channels=[4,8,32]")
+
+
+def test_sparse_acdc_labels_touch_no_unlabelled_frame(tmp_path, phantom, monkeypatch):
+    """Train on the ACDC layout (ED/ES labels only): the loss never sends gradient to unlabelled frames."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = T.DeepSupervisionLoss.forward
+
+    def recording_forward(self, outputs, label, frame_mask):
+        first = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+        first.register_hook(lambda g: seen.append((g.detach().clone(), frame_mask.detach().clone())))
+        assert (label[~frame_mask] == 255).all()
+        return original(self, outputs, label, frame_mask)
+
+    monkeypatch.setattr(T.DeepSupervisionLoss, "forward", recording_forward)
+    config = load_config(TINY, [f"data.root={phantom}", *QUIET, "train.epochs=1", "train.iterations_per_epoch=3",
+                                "train.time_window=4", "model.deep_supervision=true"])
+    run = T.run_training(config, run_dir=tmp_path / "acdc", config_path=TINY)
+    assert len(seen) == 3
+    assert any((~mask).any() for _, mask in seen), "expected unlabelled frames in the sampled windows"
+    for grad, mask in seen:
+        assert mask.any()
+        assert torch.count_nonzero(grad[~mask]) == 0
+        assert torch.count_nonzero(grad[mask]) > 0
+    assert float(_metrics(run)[0]["val_mean_dice"]) >= 0.0
