@@ -7,7 +7,6 @@ import math
 from collections.abc import Sequence
 from typing import Union
 
-import torch
 from torch import Tensor, nn
 
 from trunet.models.blocks import Decoder, Encoder, TemporalCLSTM
@@ -173,10 +172,7 @@ class TimeResolvedUNet(nn.Module):
             )
         self.check_input_size(x.shape[3:])
         batch, frames = x.shape[:2]
-        folded = x.reshape(batch * frames, *x.shape[2:])
-        if getattr(self, "_cl", False):
-            folded = folded.contiguous(memory_format=torch.channels_last_3d)
-        features = self.encoder(folded)
+        features = self.encoder(x.reshape(batch * frames, *x.shape[2:]))
         for level, module in self.temporal.items():
             features[int(level)] = module(features[int(level)], batch)
         all_levels = self.deep_supervision and self.training
