@@ -1,0 +1,184 @@
+"""Inference benchmark: seconds and peak memory to segment one ACDC-sized cine, end to end.
+
+End to end = :func:`trunet.pipeline.infer.run_prediction` on a 4D NIfTI: load the checkpoint, read and
+preprocess the scan, sliding-window prediction of every frame, inverse transforms back to the scan's grid,
+largest-component post-processing and the atomic write of ``<case>_seg.nii.gz``. The model is the
+architecture of ``configs/default.yaml`` with random weights (speed does not depend on training); the scan
+is synthetic (a pulsing bright ellipse in noise), by default 30 frames of 256 x 216 x 10 voxels at
+1.5 x 1.5 x 10 mm, the size of an ACDC cine, with the target spacing equal to the scan's.
+
+Each setting (without / with mirroring TTA) runs in a fresh process, so the peak resident memory
+(``ru_maxrss``, which counts torch's allocations, unlike ``tracemalloc``) belongs to that setting alone.
+
+Usage::
+
+    python benchmarks/bench_infer.py                      # 30 x 256 x 216 x 10, TTA off and on, CPU
+    python benchmarks/bench_infer.py --device cuda        # on a GPU (adds peak CUDA memory)
+    python benchmarks/bench_infer.py --frames 2 --tta off # a quick check that it runs
+
+Prints the command, the machine, the date and one line per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def write_case(folder: Path, frames: int, size: tuple[int, int, int], spacing: tuple[float, float, float]) -> Path:
+    """A synthetic cine ``(x, y, z, t)`` float32 NIfTI with ``pixdim[4]`` = 30 ms."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    x, y = np.meshgrid(np.arange(size[0]), np.arange(size[1]), indexing="ij")
+    data = rng.normal(100.0, 20.0, size=(*size, frames)).astype(np.float32)
+    for t in range(frames):
+        r = 20 + 8 * np.cos(2 * np.pi * t / frames)  # radius in voxels, one beat
+        inside = ((x - size[0] / 2) / r) ** 2 + ((y - size[1] / 2) / (0.8 * r)) ** 2 <= 1
+        data[inside, :, t] += 300.0
+    affine = np.diag([*spacing, 1.0])
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "msec")
+    img.header.set_zooms((*spacing, 30.0))
+    path = folder / "bench_4d.nii.gz"
+    nib.save(img, path)
+    return path
+
+
+def write_checkpoint(folder: Path, config_path: Path, spacing: tuple[float, float, float]) -> Path:
+    """A checkpoint of the config's architecture with random weights."""
+    import torch
+
+    from trunet.pipeline.checkpoint import build_model, model_from_hparams, model_hparams, save_checkpoint
+    from trunet.pipeline.config import load_config
+    from trunet.transforms.compose import preprocessing_from_config
+
+    config = load_config(config_path)
+    hparams = model_hparams(config)
+    torch.manual_seed(0)
+    payload = {
+        "model_state": model_from_hparams(hparams).state_dict(),
+        "model_hparams": hparams,
+        "classes": list(config.data.classes),
+        "config": config.to_dict(),
+        "preprocessing": preprocessing_from_config(config, spacing),
+    }
+    path = save_checkpoint(folder / "bench.pt", payload)
+    build_model(payload)  # fails here, not in the timed run, if the payload is unusable
+    return path
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One timed ``run_prediction`` in this process; prints a JSON line."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import trunet.pipeline.infer as infer
+
+    predict_seconds = []
+    original = infer.Predictor.predict_case
+
+    def timed(self, image, description=None):  # time the network part alone as well
+        start = time.perf_counter()
+        out = original(self, image, description)
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        predict_seconds.append(time.perf_counter() - start)
+        return out
+
+    infer.Predictor.predict_case = timed
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    written = infer.run_prediction(
+        args.checkpoint, args.image, args.out, device=args.device, tta=args.tta == "on", postprocess=True
+    )
+    seconds = time.perf_counter() - start
+    record = {
+        "tta": args.tta,
+        "seconds": round(seconds, 2),
+        "predict_seconds": round(sum(predict_seconds), 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_before_mb": round(baseline / 1024, 1),
+        "threads": torch.get_num_threads(),
+        "written": [p.name for p in written],
+    }
+    if torch.cuda.is_available() and str(args.device).startswith("cuda"):
+        record["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        record["gpu"] = torch.cuda.get_device_name()
+    print("RESULT " + json.dumps(record), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=30)
+    parser.add_argument("--size", type=int, nargs=3, default=[256, 216, 10], metavar=("X", "Y", "Z"))
+    parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 10.0], metavar=("SX", "SY", "SZ"))
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.yaml")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tta", default="off,on", help="comma-separated settings to run: off, on")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--image", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    import monai
+    import torch
+
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"date:    {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    print(f"machine: {platform.node()}, {_cpu_model()}, {os.cpu_count()} logical CPUs, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
+          f"python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}")
+    print(f"case:    {args.frames} frames x {tuple(args.size)} voxels at {tuple(args.spacing)} mm; "
+          f"model: {args.config.name} architecture, random weights; device {args.device}")
+    with tempfile.TemporaryDirectory(prefix="trunet-bench-infer-") as tmp:
+        folder = Path(tmp)
+        image = write_case(folder, args.frames, tuple(args.size), tuple(args.spacing))
+        checkpoint = write_checkpoint(folder, args.config, tuple(args.spacing))
+        for setting in [s.strip() for s in args.tta.split(",") if s.strip()]:
+            cmd = [sys.executable, __file__, "--worker", "--checkpoint", str(checkpoint), "--image", str(image),
+                   "--out", str(folder / f"out-{setting}"), "--device", args.device, "--tta", setting,
+                   "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                print(proc.stdout + proc.stderr, file=sys.stderr)
+                raise SystemExit(f"setting tta={setting} failed (exit {proc.returncode})")
+            r = json.loads(lines[-1][len("RESULT "):])
+            cuda = f", peak CUDA {r['peak_cuda_mb']:.0f} MB on {r['gpu']}" if "peak_cuda_mb" in r else ""
+            print(f"tta={setting:3s}: {r['seconds']:8.1f} s end to end ({r['predict_seconds']:.1f} s in the predictor), "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB (before run_prediction {r['rss_before_mb']:.0f} MB), "
+                  f"{r['threads']} torch threads{cuda}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
