@@ -65,7 +65,8 @@ Patch candidates keep the aspect ratio of the target spacing (equal physical ext
 ``size_i ~ 1 / spacing_i``), are multiples of ``model.size_divisor`` and are capped by the dataset's
 median shape at the target spacing. Without a dataset on disk (the phantom, or no data) the ACDC-typical
 median shape 256 x 216 x 10 at 1.5 x 1.5 x 10 mm is used (the ACDC training set's median in-plane
-spacing is ~1.5 mm on ~230 x 220 matrices and 10 mm slice spacing with ~10 slices). Time windows 4..16.
+spacing is ~1.5 mm on ~230 x 220 matrices and 10 mm slice spacing with ~10 slices). Time windows 4..16,
+capped by the shortest cine (12 frames for ACDC-typical data: a longer window would repeat frames).
 Batch 2 (nnU-Net's minimum) unless nothing fits; a larger batch only when patch and time window are both
 at their caps. The choice maximises the voxels of one training sample ``T * V``, then more frames, then
 more voxels, among patches covering at least half the median in-plane field of view when any does.
@@ -89,7 +90,6 @@ import torch
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map_only
 
 from trunet.atomic import write_yaml
 from trunet.errors import TrunetError
@@ -121,8 +121,10 @@ CUDA_CONTEXT_BYTES = int(0.5 * GB)
 ACDC_MEDIAN_SHAPE = (256, 216, 10)
 """ACDC-typical median shape (x, y, z) at :data:`ACDC_SPACING`, used when no dataset is on disk."""
 ACDC_SPACING = (1.5, 1.5, 10.0)
+ACDC_MIN_FRAMES = 12
+"""ACDC cines have 12 to 35 frames: the time window is capped at the shortest cine so no window repeats a frame."""
 TIME_WINDOWS = tuple(range(4, 17))
-"""Time-window candidates of the planner (ACDC cines have 12 to 35 frames)."""
+"""Time-window candidates of the planner, capped by the dataset's shortest cine."""
 MIN_BATCH = 2
 """nnU-Net's minimum batch: the planner only goes below when nothing fits."""
 MIN_FOV_FRACTION = 0.5
@@ -241,6 +243,34 @@ _SHAPE_ONLY_UNLESS_BATCH = {torch.ops.aten._to_copy.default, torch.ops.aten.clon
 """The same for weight casts and copies; not for tensors made from the batch (label values steer the loss)."""
 
 
+def _empty_convolution(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int], transposed: bool, output_padding: Sequence[int], groups: int,
+) -> Tensor:
+    """An uninitialised output of ``aten.convolution`` (PyTorch's output-size formulas, contiguous)."""
+    kernel = weight.shape[2:]
+    if transposed:
+        sizes = [(i - 1) * s - 2 * p + d * (k - 1) + op + 1
+                 for i, s, p, d, k, op in zip(x.shape[2:], stride, padding, dilation, kernel, output_padding)]
+        channels = weight.shape[1] * groups
+    else:
+        sizes = [(i + 2 * p - d * (k - 1) - 1) // s + 1
+                 for i, s, p, d, k in zip(x.shape[2:], stride, padding, dilation, kernel)]
+        channels = weight.shape[0]
+    return torch.empty((x.shape[0], channels, *sizes), dtype=x.dtype, device=x.device)
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    """The tensors in nested tuples/lists/dicts (torch's pytree is several times slower per operator)."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _tensors(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _tensors(item)]
+    return []
+
+
 class _StorageWatch(TorchDispatchMode):
     """Weak references to the storage of every operator output, and the largest output computed from the
     batch (weight casts and copies, whose size does not scale with the input, are not candidates).
@@ -261,28 +291,28 @@ class _StorageWatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
         kwargs = kwargs or {}
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        inputs = _tensors((args, kwargs))
         from_batch = any(t.untyped_storage()._cdata in self.derived for t in inputs)
-        if self.shape_only and (func in _SHAPE_ONLY or (func in _SHAPE_ONLY_UNLESS_BATCH and not from_batch)):
-            meta = tree_map_only(Tensor, lambda t: t.to("meta"), (args, kwargs))
-            spec = func(*meta[0], **meta[1])
-            out = torch.empty_strided(spec.shape, spec.stride(), dtype=spec.dtype, device=inputs[0].device)
+        if self.shape_only and func in _SHAPE_ONLY:
+            out = _empty_convolution(*args, **kwargs)
+        elif self.shape_only and func in _SHAPE_ONLY_UNLESS_BATCH and not from_batch:
+            out = torch.empty_like(args[0], dtype=kwargs.get("dtype", args[0].dtype),
+                                   memory_format=kwargs.get("memory_format", torch.preserve_format))
         else:
             out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                nbytes = storage.nbytes()
-                if from_batch:
-                    self.derived.add(key)
-                    self.largest = max(self.largest, nbytes)
-                if key not in self.refs or self.refs[key][0].expired():
-                    self.refs[key] = (StorageWeakRef(storage), nbytes)
-                    if self.regions:
-                        self.created_in[key] = self.regions[-1]
-                    else:
-                        self.created_in.pop(key, None)
+        for t in _tensors(out):
+            storage = t.untyped_storage()
+            key = storage._cdata
+            nbytes = storage.nbytes()
+            if from_batch:
+                self.derived.add(key)
+                self.largest = max(self.largest, nbytes)
+            if key not in self.refs or self.refs[key][0].expired():
+                self.refs[key] = (StorageWeakRef(storage), nbytes)
+                if self.regions:
+                    self.created_in[key] = self.regions[-1]
+                else:
+                    self.created_in.pop(key, None)
         return out
 
     def live_bytes(self, exclude: set[int]) -> int:
@@ -590,7 +620,8 @@ class PlanResult:
         budget: usable bytes ``vram_gb * (1 - headroom) * 1e9``.
         candidates: per time window, the largest fitting patch and the next larger one (which does not fit).
         ladder: the patch sizes searched, smallest first.
-        median_shape / spacing / shape_source: the cap and where it came from.
+        median_shape / spacing / time_windows / shape_source: the caps, the windows searched, and where
+            the caps came from.
     """
 
     chosen: PlanCandidate
@@ -600,6 +631,7 @@ class PlanResult:
     ladder: list[tuple[int, int, int]]
     median_shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
+    time_windows: list[int]
     shape_source: str
 
     def fragment(self) -> dict[str, Any]:
@@ -634,11 +666,13 @@ def patch_ladder(
         k += 1
 
 
-def _dataset_shape(config: Config) -> tuple[tuple[int, int, int], tuple[float, float, float], str]:
-    """Median shape at the target spacing, the target spacing, and where they came from.
+def _dataset_shape(config: Config) -> tuple[tuple[int, int, int], tuple[float, float, float], int, str]:
+    """Median shape at the target spacing, the target spacing, the fewest frames of a cine, and where they
+    came from.
 
     With a dataset on disk (``data.root``), the NIfTI/ITK headers of the training images give the median
-    shape and spacing; otherwise (phantom, missing or unreadable data) the ACDC-typical figures.
+    shape and spacing and the frame counts; otherwise (phantom, missing or unreadable data) the
+    ACDC-typical figures.
     """
     target = config.data.target_spacing
     if config.data.root is not None:
@@ -649,11 +683,14 @@ def _dataset_shape(config: Config) -> tuple[tuple[int, int, int], tuple[float, f
                            "shape %s at %s mm", exc, ACDC_MEDIAN_SHAPE, ACDC_SPACING)
     spacing = tuple(target) if target is not None else ACDC_SPACING
     shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(ACDC_MEDIAN_SHAPE, ACDC_SPACING, spacing))
-    source = "ACDC-typical median shape 256x216x10 at 1.5x1.5x10 mm (no dataset on disk)"
-    return shape, spacing, source  # type: ignore[return-value]
+    source = (f"ACDC-typical median shape 256x216x10 at 1.5x1.5x10 mm, cines of {ACDC_MIN_FRAMES} or more "
+              "frames (no dataset on disk)")
+    return shape, spacing, ACDC_MIN_FRAMES, source  # type: ignore[return-value]
 
 
-def _headers_median(config: Config, target: Optional[Sequence[float]]) -> tuple[tuple[int, int, int], tuple[float, float, float], str]:
+def _headers_median(
+    config: Config, target: Optional[Sequence[float]]
+) -> tuple[tuple[int, int, int], tuple[float, float, float], int, str]:
     import tempfile
 
     import SimpleITK as sitk
@@ -662,7 +699,7 @@ def _headers_median(config: Config, target: Optional[Sequence[float]]) -> tuple[
 
     with tempfile.TemporaryDirectory() as work:
         cases = resolve_cases(config.data, Path(work)).training
-    shapes, spacings = [], []
+    shapes, spacings, frames = [], [], []
     for case in cases:
         path = Path(case["image"])
         if path.is_dir():
@@ -672,13 +709,15 @@ def _headers_median(config: Config, target: Optional[Sequence[float]]) -> tuple[
         reader.ReadImageInformation()
         shapes.append(reader.GetSize()[:3])
         spacings.append(reader.GetSpacing()[:3])
+        frames.append(reader.GetSize()[3] if len(reader.GetSize()) > 3 else 1)
     if not shapes:
         raise TrunetError("no training images")
     median_spacing = tuple(float(x) for x in np.median(np.array(spacings), axis=0))
     spacing = tuple(target) if target is not None else median_spacing
     physical = np.median(np.array(shapes) * np.array(spacings), axis=0)
     shape = tuple(max(1, int(round(p / s))) for p, s in zip(physical, spacing))
-    return shape, spacing, f"median of {len(shapes)} training images in {config.data.root}"  # type: ignore[return-value]
+    source = f"median of {len(shapes)} training images in {config.data.root}, shortest cine {min(frames)} frames"
+    return shape, spacing, min(frames), source  # type: ignore[return-value]
 
 
 def _budget(vram_gb: float, headroom: float) -> int:
@@ -697,12 +736,12 @@ def plan(config: Config, vram_gb: float = 40.0, headroom: float = 0.1, device_ty
             candidate (one divisor-sized patch, the shortest time window, batch 1).
     """
     budget = _budget(vram_gb, headroom)
-    shape, spacing, source = _dataset_shape(config)
+    shape, spacing, max_frames, source = _dataset_shape(config)
     scales = [1, 1, 1]
     for s in config.model.strides:
         scales = [a * b for a, b in zip(scales, s)]
     ladder = patch_ladder(scales, spacing, shape)
-    windows = sorted(set(TIME_WINDOWS))
+    windows = [t for t in TIME_WINDOWS if t <= max_frames] or [max(1, max_frames)]
 
     def total(patch: tuple[int, int, int], frames: int, batch: int) -> int:
         return estimate_memory(config, patch, frames, batch, device_type=device_type).total
@@ -754,7 +793,7 @@ def plan(config: Config, vram_gb: float = 40.0, headroom: float = 0.1, device_ty
                                    total(chosen.patch_size, chosen.time_window, b), True)
             candidates.append(chosen)
     estimate = estimate_memory(config, chosen.patch_size, chosen.time_window, chosen.batch_size, device_type)
-    return PlanResult(chosen, estimate, budget, candidates, ladder, shape, spacing, source)  # type: ignore[arg-type]
+    return PlanResult(chosen, estimate, budget, candidates, ladder, shape, spacing, windows, source)  # type: ignore[arg-type]
 
 
 def _table(result: PlanResult) -> str:
@@ -786,7 +825,8 @@ def run_plan(
         print(f"budget: {vram_gb:g} GB x (1 - {headroom:g}) = {budget / GB:.2f} GB -> the config as given {verdict}")
     result = plan(config, vram_gb, headroom)
     print(f"\npatch cap: median shape {list(result.median_shape)} at spacing {list(result.spacing)} mm "
-          f"({result.shape_source}); size divisor {list(result.ladder[0])}")
+          f"({result.shape_source}); size divisor {list(result.ladder[0])}; time windows "
+          f"{result.time_windows[0]}..{result.time_windows[-1]}")
     print("candidates: per time window the largest fitting patch and the next larger one (* = chosen)")
     print(_table(result))
     c = result.chosen
