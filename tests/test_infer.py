@@ -218,7 +218,7 @@ EXAMPLE4D = os.path.join(nibabel_data_path, "example4d.nii.gz")  # real scanner 
 def write_checkpoint(path: Path, target_spacing=(6.0, 6.0, 6.6), **payload_changes) -> Path:
     """A checkpoint of a tiny random model, written through the checkpoint module (nothing trained)."""
     config = config_from_dict(
-        {"model": {"channels": [4, 8], "strides": [[2, 2, 1]]}, "train": {"patch_size": [16, 16, 4], "time_window": 2}}
+        {"model": {"channels": [4, 8], "strides": [[2, 2, 1]]}, "train": {"patch_size": [32, 32, 4], "time_window": 2}}
     )
     hparams = model_hparams(config)
     torch.manual_seed(0)
@@ -417,3 +417,13 @@ def test_a_tiny_trained_model_segments_fresh_phantom_cases(tmp_path, configs_dir
     # after 50 steps: LV ~0.4, MYO ~0.4, RV ~0.2-0.3 on this fresh case (a random model: near 0)
     assert dice[3] > 0.25 and dice[2] > 0.25, (dice, chance)  # LV cavity and myocardium found
     assert np.mean(list(dice.values())) > np.mean(list(chance.values())) + 0.15, (dice, chance)
+
+
+def test_cli_predict_writes_the_segmentation(checkpoint, tmp_path):
+    image = write_cine(tmp_path / "in" / "case_4d.nii.gz")
+    out = tmp_path / "out"
+    code = main(["predict", "--checkpoint", str(checkpoint), "--input", str(image.parent), "--output", str(out),
+                 "--device", "cpu", "--overlap", "0.25", "--no-postprocess"])
+    assert code == 0
+    assert [p.name for p in out.iterdir()] == ["case_seg.nii.gz"]  # no temporary files left behind
+    assert nib.load(out / "case_seg.nii.gz").shape == (20, 16, 6, 3)
