@@ -179,17 +179,18 @@ def test_resume_equals_uninterrupted(tmp_path, phantom, monkeypatch):
 
 
 def test_sigterm_saves_and_resumes(tmp_path, phantom):
+    """SIGTERM to the whole process group (as Slurm sends it), data workers included."""
     run = tmp_path / "run"
     args = ["--config", str(TINY), "--data", str(phantom / "datalist.json"), "--run-dir", str(run),
-            *QUIET, "train.epochs=1000", "data.val_fraction=0"]
+            *QUIET, "data.num_workers=1", "train.epochs=1000", "data.val_fraction=0"]
     proc = subprocess.Popen([sys.executable, "-m", "trunet", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO, start_new_session=True)
     latest = run / "checkpoints" / "latest.pt"
     deadline = time.time() + 120
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert latest.exists(), proc.communicate()[1][-2000:] if proc.poll() is not None else "no checkpoint in time"
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "stopped by SIGTERM" in stderr and "latest.pt is saved" in stderr
@@ -220,7 +221,7 @@ def test_nonfinite_loss_skipped_then_stops(tmp_path, phantom, monkeypatch, caplo
     assert load_checkpoint(tmp_path / "many" / "checkpoints" / "latest.pt")["epoch"] == 2
 
 
-def test_user_errors_are_one_line(tmp_path, phantom, capsys):
+def test_user_errors_are_one_line(tmp_path, phantom, capsys, monkeypatch, caplog):
     data = ["--data", str(phantom / "datalist.json")]
 
     def fails(*args: str) -> str:
@@ -242,9 +243,11 @@ def test_user_errors_are_one_line(tmp_path, phantom, capsys):
     assert "data root not found" in fails("--run-dir", str(tmp_path / "c"), "--data", str(tmp_path / "missing"))
 
     run = tmp_path / "done"
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # e.g. srun -n 2 without torchrun
     assert main(["train", "--config", str(TINY), *data, "--run-dir", str(run), *QUIET, "train.epochs=1",
                  "data.val_fraction=0"]) == 0
     capsys.readouterr()
+    assert "2 processes were launched but WORLD_SIZE is 1" in caplog.text
     assert "changes the training (model.channels" in fails("--run-dir", str(run), "--resume", *QUIET,
                                                            "data.val_fraction=0", "model.channels=[4,8,32]")
 

@@ -43,6 +43,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -279,6 +280,24 @@ def _check_resume_config(saved: dict[str, Any], given: dict[str, Any], where: st
         )
 
 
+class _QuietWorkerInit:
+    """``worker_init_fn`` that makes DataLoader workers ignore SIGTERM/SIGINT, then runs ``inner``.
+
+    Slurm, ``kill -- -PGID`` and Ctrl-C signal the whole process group: without this a worker dies at once
+    and the main process fails with "DataLoader worker is killed" instead of finishing its step and saving.
+    The main process alone decides to stop; its workers end when the loader does.
+    """
+
+    def __init__(self, inner: Optional[Callable[[int], None]]):
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
 class _StopRequest:
     """SIGTERM/SIGINT handlers that only raise a flag; the training loop stops after the current step.
 
@@ -364,10 +383,28 @@ class Trainer:
             logger.info("CPU training with %d thread(s) and %d data worker(s)", torch.get_num_threads(),
                         c.data.num_workers)
 
-        # rank 0 resolves (and maybe generates) the data first; the others then find it in place
+        self._warn_memory()  # before anything of ours is on the GPU
+
+        _seed_everything(t.seed)  # same initial weights on every rank
+        self.model = ckpt.model_from_hparams(ckpt.model_hparams(c)).to(self.device)
+        try:
+            self.model.check_input_size(t.patch_size)
+        except ValueError as exc:
+            raise ConfigError(f"train.patch_size {list(t.patch_size)} does not fit the model: {exc}") from None
+
+        # rank 0 resolves (and maybe generates) the data first; the others then find it in place. A data
+        # error on rank 0 is sent to every rank, so none waits for a collective that never comes.
+        error: Optional[TrunetError] = None
         if ctx.is_main:
-            lists = resolve_cases(c.data, self.run_dir)
-        dist_utils.barrier(ctx)
+            try:
+                lists = resolve_cases(c.data, self.run_dir)
+            except TrunetError as exc:
+                error = exc
+        message = dist_utils.broadcast_object(None if error is None else str(error), ctx)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise TrunetError(message)
         if not ctx.is_main:
             lists = resolve_cases(c.data, self.run_dir)
         self.train_cases = lists.training
@@ -376,12 +413,6 @@ class Trainer:
         self.target_spacing = tuple(float(s) for s in spacing)
         self.preprocessing = preprocessing_from_config(c, self.target_spacing)
 
-        _seed_everything(t.seed)  # same initial weights on every rank
-        self.model = ckpt.model_from_hparams(ckpt.model_hparams(c)).to(self.device)
-        try:
-            self.model.check_input_size(t.patch_size)
-        except ValueError as exc:
-            raise ConfigError(f"train.patch_size {list(t.patch_size)} does not fit the model: {exc}") from None
         self.train_model: nn.Module = self.model
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -402,13 +433,14 @@ class Trainer:
 
         self.loader = build_train_loader(c, self.train_cases, self.target_spacing, self.run_dir / "cache",
                                          rank=ctx.rank, world_size=ctx.world_size)
+        if not isinstance(self.loader.worker_init_fn, _QuietWorkerInit):
+            self.loader.worker_init_fn = _QuietWorkerInit(self.loader.worker_init_fn)
         # validation: every rank predicts its share of the cases, rank 0 gathers
         self.val_dataset = build_eval_dataset(c, self.val_cases[ctx.rank :: ctx.world_size], self.preprocessing) \
             if self.val_cases else None
         self.val_records = {r["case_id"]: r for r in self.val_cases}
-        if not self.val_cases:
+        if not self.val_cases and ctx.is_main:
             logger.warning("no validation cases: best.pt is not written (set data.val_fraction > 0)")
-        self._warn_memory()
 
     def _warn_memory(self) -> None:
         """Warn when ``trunet.pipeline.plan.estimate_memory`` (if present) exceeds the free GPU memory."""
@@ -419,9 +451,7 @@ class Trainer:
         except ImportError:
             return
         try:
-            estimate = estimate_memory(self.config)
-            need = getattr(estimate, "peak_bytes", None) or getattr(estimate, "total_bytes", None) or estimate
-            need = float(need)
+            need = float(estimate_memory(self.config, device_type="cuda").total_bytes)
             free, _ = torch.cuda.mem_get_info(self.device)
         except Exception as exc:  # noqa: BLE001 - an estimate must never stop training
             logger.debug("memory estimate unavailable: %s", exc)
@@ -510,7 +540,7 @@ class Trainer:
         return DataLoader(
             base.dataset, batch_size=self.t.batch_size, sampler=sampler, num_workers=base.num_workers,
             drop_last=True, pin_memory=base.pin_memory, generator=generator, collate_fn=base.collate_fn,
-            persistent_workers=False,
+            worker_init_fn=base.worker_init_fn, persistent_workers=False,
         )
 
     def _batches(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
@@ -598,6 +628,9 @@ class Trainer:
         for i in range(len(self.val_dataset)):
             item = self.val_dataset[i]
             case_id = str(item["case_id"])
+            if item.get("label") is None:
+                logger.warning("validation case %s has no label: skipped", case_id)
+                continue
             image = item["image"]
             probs = predictor.predict_case(image.unsqueeze(0) if image.dim() == 4 else image)
             pred = probs[0].argmax(dim=1).cpu()  # (T, X, Y, Z)
@@ -610,8 +643,10 @@ class Trainer:
             p1 = F.one_hot(p, k).movedim(-1, 1).float()  # (N, K, X, Y, Z)
             g1 = F.one_hot(g, k).movedim(-1, 1).float()
             dice = compute_dice(p1, g1, include_background=False, ignore_empty=True)  # (N, K-1)
-            hd = compute_hausdorff_distance(p1, g1, include_background=False, percentile=95,
-                                            spacing=list(self.target_spacing))
+            with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal argument
+                warnings.filterwarnings("ignore", category=FutureWarning, message=".*always_return_as_numpy")
+                hd = compute_hausdorff_distance(p1, g1, include_background=False, percentile=95,
+                                                spacing=list(self.target_spacing))
             hd = torch.where(torch.isfinite(hd), hd, torch.full_like(hd, float("nan")))
             row: dict[str, Any] = {"case_id": case_id}
             for j, name in enumerate(self.classes[1:]):
@@ -871,6 +906,7 @@ def run_training(
             raise TrunetError(error)
         assert run is not None
         package_logger = logging.getLogger("trunet")
+        threads = torch.get_num_threads()
         handler = _attach_log_file(run) if ctx.is_main else None
         previous_level = package_logger.level
         if not ctx.is_main:
@@ -883,6 +919,7 @@ def run_training(
                         "n/a" if trainer.best_metric is None else f"{trainer.best_metric:.4f}")
             return result
         finally:
+            torch.set_num_threads(threads)
             package_logger.setLevel(previous_level)
             if handler is not None:
                 package_logger.removeHandler(handler)
