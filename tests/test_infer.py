@@ -65,10 +65,14 @@ def test_time_windows_cover_every_frame(frames, window, context, causal):
     if causal and len(windows) > 1 and context:
         # warm-up frames of later windows are context only
         assert all(torch.all(w.weights[:context] == 0) for w in windows[1:])
-    if not causal and context and len(windows) > 1:
-        # regular overlaps (before the shifted last window) blend linearly to a total weight of exactly one
-        head = windows[-1].start
-        torch.testing.assert_close(covered[:head], torch.ones(head))
+    if causal:
+        # every frame comes from exactly one window: the one that started earliest (longest past)
+        assert all(set(w.weights.tolist()) <= {0.0, 1.0} for w in windows)
+        for f in range(frames):
+            first = next(w for w in windows if w.start <= f < w.stop)
+            assert first.weights[f - first.start] == 1
+    # shared frames blend to a total weight of exactly one (causal: one window; bidirectional: linear ramps)
+    torch.testing.assert_close(covered, torch.ones(frames))
 
 
 def test_time_windows_whole_series():

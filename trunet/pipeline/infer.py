@@ -29,14 +29,17 @@ a bidirectional model), and there are no seams. Only a longer series (or an expl
 cut into overlapping **time windows** of ``W`` frames (``W`` = the largest window within the budget, at
 least the training window), consecutive windows sharing ``c = infer.time_overlap`` frames:
 
-* window starts ``0, W - c, 2 (W - c), ...``; the last window is shifted back to end at frame ``T``;
-* each window after the first is *warm-started*: its first ``c`` frames are context that the recurrent
-  state runs through before the frames it is trusted on;
-* causal (unidirectional) model: the outputs of those ``c`` context frames are discarded (weight 0), since
-  the previous window saw them with more history; every other frame has weight 1 and frames covered twice
-  with weight 1 (before a shifted last window) are averaged;
-* bidirectional model: the ``c`` shared frames are blended linearly, weight ``(i + 1) / (c + 1)`` rising at a
-  window's head and falling at its tail, because both ends of a window lack context there.
+* the fewest windows such that consecutive ones share at least ``c`` frames, spread evenly from frame 0
+  to frame ``T`` (so the spare frames become extra shared context rather than a last window that
+  repeats most of the one before);
+* each window after the first is *warm-started*: the frames it shares with the previous window are
+  context that its recurrent state runs through before the frames it is trusted on;
+* causal (unidirectional) model: the outputs of those shared frames are discarded (weight 0), since the
+  previous window saw them with more history; so every frame is predicted by exactly one window, the one
+  in which it has the longest past;
+* bidirectional model: the shared frames are blended linearly, weight ``(i + 1) / (o + 1)`` rising over the
+  ``o`` shared frames at a window's head and falling at the previous window's tail (summing to one),
+  because both ends of a window lack context there.
 
 A series that fits in one window (``T <= W``) goes through in a single pass, exactly as with
 ``time_window=None``.
@@ -123,17 +126,20 @@ def time_windows(num_frames: int, window: Optional[int], context: int, causal: b
     if window < 1:
         raise ValueError(f"time window must be positive or None, got {window}")
     context = max(0, min(int(context), window - 1))
-    stride = window - context
-    starts = list(range(0, num_frames - window, stride)) + [num_frames - window]
+    count = math.ceil((num_frames - window) / (window - context)) + 1  # fewest windows sharing >= c frames
+    starts = [round(k * (num_frames - window) / (count - 1)) for k in range(count)]  # spread evenly
     out = []
     for k, start in enumerate(starts):
         weights = torch.ones(window)
-        if context:
-            ramp = torch.arange(1, context + 1, dtype=torch.float32) / (context + 1)
-            if k > 0:
-                weights[:context] = 0.0 if causal else ramp
-            if k < len(starts) - 1 and not causal:
-                weights[-context:] = torch.minimum(weights[-context:], ramp.flip(0))
+        head = starts[k - 1] + window - start if k > 0 else 0  # frames shared with the previous window
+        tail = start + window - starts[k + 1] if k + 1 < len(starts) else 0  # ... with the next one
+        if causal:
+            weights[:head] = 0.0  # warm-up: the previous window saw these frames with more history
+        else:
+            if head:
+                weights[:head] = torch.arange(1, head + 1, dtype=torch.float32) / (head + 1)
+            if tail:
+                weights[-tail:] = torch.minimum(weights[-tail:], torch.arange(tail, 0, -1, dtype=torch.float32) / (tail + 1))
         out.append(TimeWindow(start, start + window, weights))
     return out
 
