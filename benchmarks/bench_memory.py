@@ -191,6 +191,38 @@ def savers(args: argparse.Namespace) -> str:
     return "\n".join(rows)
 
 
+DEFAULT_SAVERS = {
+    # name: overrides of configs/default.yaml (its patch, time window and batch)
+    "as configured: bf16, CLSTM at all levels": [],
+    "fp32 (AMP off)": ["train.amp=false"],
+    "checkpointing (stages + time steps)": ["model.checkpointing=true"],
+    "CLSTM at the bottleneck only": ["model.clstm_levels=bottleneck"],
+    "checkpointing + bottleneck": ["model.checkpointing=true", "model.clstm_levels=bottleneck"],
+}
+
+
+def default_savers() -> str:
+    """Estimates only (no GPU here): the savers at configs/default.yaml's size, CUDA accounting."""
+    from pathlib import Path
+
+    from trunet.pipeline.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    rows = []
+    for name, overrides in DEFAULT_SAVERS.items():
+        config = load_config(path, overrides)
+        est = planning.estimate_memory(config)
+        if not rows:
+            t = config.train
+            rows += [f"configs/default.yaml: B x T x patch = {t.batch_size} x {t.time_window} x "
+                     f"{'x'.join(map(str, t.patch_size))}; estimates (CUDA accounting), not measured.", "",
+                     "| variant | parameters GB | activations GB (saved for backward) | backward workspace GB | "
+                     "estimated peak GB |", "|---|---|---|---|---|"]
+        rows.append(f"| {name} | {est.gb('parameters'):.3f} | {est.gb('activations'):.2f} "
+                    f"({est.gb('saved_tensors'):.2f}) | {est.gb('workspace'):.2f} | {est.gb():.2f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--validate", action="store_true", help="estimate vs measurement, three configs")
@@ -213,6 +245,8 @@ def main() -> None:
     if args.savers:
         print("\n### Memory savers (CPU)\n")
         print(savers(args))
+        print("\n### Memory savers at the default config (estimated)\n")
+        print(default_savers())
 
 
 if __name__ == "__main__":

@@ -618,7 +618,8 @@ class PlanResult:
         chosen: the chosen candidate.
         estimate: its full :class:`MemoryEstimate`.
         budget: usable bytes ``vram_gb * (1 - headroom) * 1e9``.
-        candidates: per time window, the largest fitting patch and the next larger one (which does not fit).
+        candidates: per time window, the largest fitting patch and the next larger one (which does not
+            fit); at the caps, the batch sizes tried.
         ladder: the patch sizes searched, smallest first.
         median_shape / spacing / time_windows / shape_source: the caps, the windows searched, and where
             the caps came from.
@@ -698,7 +699,8 @@ def _headers_median(
     from trunet.pipeline.data import resolve_cases
 
     with tempfile.TemporaryDirectory() as work:
-        cases = resolve_cases(config.data, Path(work)).training
+        lists = resolve_cases(config.data, Path(work))
+        cases = [*lists.training, *lists.validation]
     shapes, spacings, frames = [], [], []
     for case in cases:
         path = Path(case["image"])
@@ -716,7 +718,7 @@ def _headers_median(
     spacing = tuple(target) if target is not None else median_spacing
     physical = np.median(np.array(shapes) * np.array(spacings), axis=0)
     shape = tuple(max(1, int(round(p / s))) for p, s in zip(physical, spacing))
-    source = f"median of {len(shapes)} training images in {config.data.root}, shortest cine {min(frames)} frames"
+    source = f"median of {len(shapes)} images in {config.data.root}, shortest cine {min(frames)} frames"
     return shape, spacing, min(frames), source  # type: ignore[return-value]
 
 
@@ -785,6 +787,7 @@ def plan(config: Config, vram_gb: float = 40.0, headroom: float = 0.1, device_ty
     assert best is not None  # the smallest candidate fits
     chosen = best[1]
     if chosen.patch_size == ladder[-1] and chosen.time_window == windows[-1]:
+        # patch and window at their caps: spend what is left on the batch (as nnU-Net does)
         b = chosen.batch_size
         while total(chosen.patch_size, chosen.time_window, b + 1) <= budget:
             b += 1
@@ -792,6 +795,8 @@ def plan(config: Config, vram_gb: float = 40.0, headroom: float = 0.1, device_ty
             chosen = PlanCandidate(chosen.patch_size, chosen.time_window, b,
                                    total(chosen.patch_size, chosen.time_window, b), True)
             candidates.append(chosen)
+        candidates.append(PlanCandidate(chosen.patch_size, chosen.time_window, b + 1,
+                                        total(chosen.patch_size, chosen.time_window, b + 1), False))
     estimate = estimate_memory(config, chosen.patch_size, chosen.time_window, chosen.batch_size, device_type)
     return PlanResult(chosen, estimate, budget, candidates, ladder, shape, spacing, windows, source)  # type: ignore[arg-type]
 
@@ -827,7 +832,8 @@ def run_plan(
     print(f"\npatch cap: median shape {list(result.median_shape)} at spacing {list(result.spacing)} mm "
           f"({result.shape_source}); size divisor {list(result.ladder[0])}; time windows "
           f"{result.time_windows[0]}..{result.time_windows[-1]}")
-    print("candidates: per time window the largest fitting patch and the next larger one (* = chosen)")
+    print("candidates: per time window the largest fitting patch and the next larger one; at the caps, the "
+          "next larger batch (* = chosen)")
     print(_table(result))
     c = result.chosen
     print(f"\nchosen: patch {list(c.patch_size)}, time window {c.time_window}, batch {c.batch_size}\n"
