@@ -126,20 +126,21 @@ def measure(layout: str, dtype: str, impl: str, repeats: int, warmup: int, devic
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     for _ in range(warmup):
         train_step(net, opt, x, target, amp)
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         train_step(net, opt, x, target, amp)
         sync(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     with FlopCounterMode(display=False) as counter:
         train_step(net, opt, x, target, amp)
-    return {"times": times, "peak_bytes": peak, "flops": counter.get_total_flops()}
+    return {"times": times, "cpu_times": cpu_times, "peak_bytes": peak, "flops": counter.get_total_flops()}
 
 
 def check_equivalence(layout: str, device: torch.device) -> float:
@@ -216,24 +217,29 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: TimeResolvedUNet(channels={WIDTHS}, clstm_levels='all'), one train step = forward + "
           f"cross-entropy on all {LAYOUTS['slice-last'][0][1]} frames + backward + SGD step; "
           f"median of {args.repeats} after {args.warmup} warm-up  ")
+    print("CPU time = the process's CPU seconds per step (on a shared machine less disturbed than the wall "
+          "clock; equal to it on a quiet one with one thread)  ")
     print(f"measured matmul rate (2048^3): fp32 {rate32:.0f} GFLOP/s, bf16 {rate16:.0f} GFLOP/s  ")
     print()
-    print("| layout | input | dtype | implementation | step (ms) | speed-up | peak mem (MiB) | GFLOP/step | GFLOP/s | % of matmul rate |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| layout | input | dtype | implementation | step (ms) | speed-up | CPU time (ms) | speed-up (CPU time) "
+          "| peak mem (MiB) | GFLOP/step | GFLOP/s | % of matmul rate |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     diffs = {}
     for layout in args.layouts.split(","):
         diffs[layout] = check_equivalence(layout, device)
         for dtype in args.dtypes.split(","):
             results = {impl: run_child(args, layout, dtype, impl) for impl in ("naive", "trunet")}
             naive_ms = statistics.median(results["naive"]["times"]) * 1e3
+            naive_cpu = statistics.median(results["naive"]["cpu_times"]) * 1e3
             for impl in ("naive", "trunet"):
                 r = results[impl]
                 ms = statistics.median(r["times"]) * 1e3
+                cpu = statistics.median(r["cpu_times"]) * 1e3
                 gflop = r["flops"] / 1e9
                 rate = gflop / (ms / 1e3)
                 peak = rate16 if dtype == "bf16" else rate32
                 print(f"| {layout} | {tuple(LAYOUTS[layout][0])} | {dtype} | {impl} | {ms:.0f} | "
-                      f"{naive_ms / ms:.2f}x | {r['peak_bytes'] / 2**20:.0f} | {gflop:.1f} | {rate:.1f} | "
+                      f"{naive_ms / ms:.2f}x | {cpu:.0f} | {naive_cpu / cpu:.2f}x | {r['peak_bytes'] / 2**20:.0f} | {gflop:.1f} | {rate:.1f} | "
                       f"{100 * rate / peak:.0f}% |")
     print()
     for layout, diff in diffs.items():
