@@ -19,7 +19,10 @@ resident set follows the live tensors. The estimate compared with it is ``total 
 
 Step time: median of ``--repeats`` steps after one warm-up step, ``--threads`` intra-op threads.
 
-    python benchmarks/bench_memory.py --validate --savers --repeats 3 --threads 1
+* ``--vram-table``: the largest patch per VRAM size (12, 24, 40, 80 GB) for ``configs/default.yaml``
+  (estimates only).
+
+    python benchmarks/bench_memory.py --validate --savers --vram-table --repeats 3 --threads 1
 """
 
 from __future__ import annotations
@@ -223,10 +226,40 @@ def default_savers() -> str:
     return "\n".join(rows)
 
 
+def vram_table(sizes: tuple[int, ...] = (12, 24, 40, 80), headroom: float = 0.1, frames: int = 12) -> str:
+    """Largest patch per VRAM size for configs/default.yaml: the planner's choice, and the largest patch of
+    the planner's ladder at ``frames`` frames and batch 2, without and with checkpointing (estimates)."""
+    from pathlib import Path
+
+    from trunet.pipeline.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    configs = [load_config(path), load_config(path, ["model.checkpointing=true"])]
+    rows = [f"| VRAM | usable | planner's choice (T, batch, patch x, y, z) | estimate | largest patch at T = {frames}, "
+            "batch 2 | estimate | same with checkpointing | estimate |", "|---|---|---|---|---|---|---|---|"]
+    for vram in sizes:
+        result = planning.plan(configs[0], vram, headroom)
+        c = result.chosen
+        row = (f"| {vram} GB | {result.budget / planning.GB:.1f} GB | T = {c.time_window}, B = {c.batch_size}, "
+               f"{' x '.join(map(str, c.patch_size))} | {c.total / planning.GB:.1f} GB ")
+        for config in configs:
+            fits = [(p, e) for p in result.ladder
+                    if (e := planning.estimate_memory(config, p, frames, 2).total) <= result.budget]
+            if fits:
+                patch, est = fits[-1]
+                cap = " (cap)" if patch == result.ladder[-1] else ""
+                row += f"| {' x '.join(map(str, patch))}{cap} | {est / planning.GB:.1f} GB "
+            else:
+                row += "| none fits | - "
+        rows.append(row + "|")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--validate", action="store_true", help="estimate vs measurement, three configs")
     parser.add_argument("--savers", action="store_true", help="memory savers on one small config")
+    parser.add_argument("--vram-table", action="store_true", help="largest patch per VRAM size (estimates)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per saver variant")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--note", default="", help="a note printed in the header (e.g. 'machine shared')")
@@ -236,8 +269,8 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     torch.set_num_threads(args.threads)
-    if not (args.validate or args.savers):
-        args.validate = args.savers = True
+    if not (args.validate or args.savers or args.vram_table):
+        args.validate = args.savers = args.vram_table = True
     print(_header(args))
     if args.validate:
         print("\n### Estimate against measurement (CPU)\n")
@@ -247,6 +280,9 @@ def main() -> None:
         print(savers(args))
         print("\n### Memory savers at the default config (estimated)\n")
         print(default_savers())
+    if args.vram_table:
+        print("\n### Largest patch per VRAM size (configs/default.yaml, estimated)\n")
+        print(vram_table())
 
 
 if __name__ == "__main__":
