@@ -23,7 +23,10 @@ The stitched output lives on the CPU when it would exceed ``infer.cpu_stitch_vox
 
 *Time*: the ConvLSTM runs on any number of frames, so by default (``time_window="auto"``) the whole series
 goes through in one pass whenever one pass stays within ``pass_voxel_budget`` voxel-frames
-(``T * patch voxels * sw_batch_size``; a 30-frame cine at the 160 x 160 x 8 ACDC patch is well inside).
+(``T * patch voxels * sw_batch_size``), a proxy for the activation memory of a pass, which grows linearly
+with ``T`` (about 1.2 kB per voxel-frame for the default model in float32, half that in bf16): the default
+8 Mi voxel-frames, ~10 GB, is 40 frames of a 160 x 160 x 8 patch or 15 of the 256 x 208 x 10 patch of
+``configs/default.yaml``.
 One pass is the best choice for accuracy: every frame sees the whole past of the cycle (and its future for
 a bidirectional model), and there are no seams. Only a longer series (or an explicit ``time_window=W``) is
 cut into overlapping **time windows** of ``W`` frames (``W`` = the largest window within the budget, at
@@ -91,8 +94,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PASS_VOXEL_BUDGET = 8 * 2**20
 """Voxel-frames one forward pass may hold (``T * patch voxels * sw_batch_size``) before ``time_window="auto"``
-cuts the series into time windows: 40 frames of a 160 x 160 x 8 patch. See BENCHMARKS.md for the memory
-this costs with the default model."""
+cuts the series into time windows: 40 frames of a 160 x 160 x 8 patch, ~10 GB of activations for the default
+model in float32 (BENCHMARKS.md, Inference)."""
 
 _INPLANE_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (4,), (3, 4))  # dims of (n, T, C, X, Y, Z)
 
