@@ -18,9 +18,9 @@ from trunet.pipeline.config import Config, load_config
 class _TinyNet(nn.Module):
     """Stands in for TimeResolvedUNet: same constructor keywords, one 1x1x1 conv per frame."""
 
-    def __init__(self, in_channels=1, out_channels=4, channels=(4, 8), strides=((2, 2, 1),), kernel_sizes=None,
-                 clstm_levels="all", bidirectional=False, peephole=False, deep_supervision=False,
-                 checkpointing=False):
+    def __init__(self, in_channels=1, out_channels=4, channels=(4, 8), strides=((2, 2, 1),),
+                 kernel_sizes=None, clstm_levels="all", bidirectional=False, peephole=False,
+                 deep_supervision=False, checkpointing=False):
         super().__init__()
         self.received = dict(channels=channels, strides=strides)
         self.conv = nn.Conv3d(in_channels, out_channels, 1)
@@ -87,7 +87,8 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
 
 def test_bad_files_are_clear_errors(tmp_path, tiny_net, configs_dir):
     config = load_config(configs_dir / "tiny.yaml")
-    good = ckpt.save_checkpoint(tmp_path / "good.pt", _payload(config, ckpt.model_from_hparams(ckpt.model_hparams(config))))
+    model = ckpt.model_from_hparams(ckpt.model_hparams(config))
+    good = ckpt.save_checkpoint(tmp_path / "good.pt", _payload(config, model))
 
     with pytest.raises(CheckpointError, match="not found"):
         ckpt.load_checkpoint(tmp_path / "missing.pt")

@@ -43,7 +43,8 @@ def _case(rng: np.random.Generator, t: int = 6):
     label[1:4] = 255  # unlabelled frames (sparse labels)
     pred = np.zeros_like(label)
     pred[:, 5:10, 4:10] = 3
-    return {"case_id": "patient001", "image": image, "pred": pred, "label": label, "frames": {"ED": 0, "ES": 4}}
+    return {"case_id": "patient001", "image": image, "pred": pred, "label": label,
+            "frames": {"ED": 0, "ES": 4}}
 
 
 def test_offline_run_written_inside_run_folder(tmp_path, monkeypatch, configs_dir):

@@ -58,7 +58,7 @@ def _train(run: Path, phantom: Path, *overrides: str, resume: bool = False) -> P
     return T.run_training(config, run_dir=run, resume=resume, config_path=TINY)
 
 
-# --- units ---------------------------------------------------------------------------------------------------
+# --- units -----------------------------------------------------------------------------------------
 
 
 def test_loss_matches_monai_on_dense_labels():
@@ -69,8 +69,8 @@ def test_loss_matches_monai_on_dense_labels():
     label = torch.randint(0, 4, (2, 3, 6, 5, 2))
     ours = T.MaskedDiceCELoss(4)(logits, label, torch.ones(2, 3, dtype=torch.bool))
     x, y = logits.flatten(0, 1), label.flatten(0, 1)
-    ref = F.cross_entropy(x, y) + DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)(
-        x, y.unsqueeze(1))
+    dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+    ref = F.cross_entropy(x, y) + dice(x, y.unsqueeze(1))
     assert torch.allclose(ours, ref, atol=1e-6)
 
 
@@ -106,14 +106,15 @@ def test_deep_supervision_and_schedule_helpers():
     assert T.default_run_dir("configs/demo.yaml").name.startswith("demo-")
 
 
-# --- end to end ----------------------------------------------------------------------------------------------
+# --- end to end ------------------------------------------------------------------------------------
 
 
 def test_cli_end_to_end(tmp_path, phantom):
     run = tmp_path / "run"
     result = _cli("--config", str(TINY), "--data", str(phantom / "datalist.json"), "--run-dir", str(run))
     assert result.returncode == 0, result.stderr[-2000:]
-    for name in ("config.yaml", "splits.json", "metrics.csv", "log.txt", "checkpoints/latest.pt", "checkpoints/best.pt"):
+    for name in ("config.yaml", "splits.json", "metrics.csv", "log.txt", "checkpoints/latest.pt",
+                 "checkpoints/best.pt"):
         assert (run / name).is_file(), name
     rows = _metrics(run)
     assert [r["epoch"] for r in rows] == ["1", "2"] and [r["iteration"] for r in rows] == ["2", "4"]
@@ -189,14 +190,16 @@ def test_sigterm_saves_and_resumes(tmp_path, phantom):
     deadline = time.time() + 120
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert latest.exists(), proc.communicate()[1][-2000:] if proc.poll() is not None else "no checkpoint in time"
+    assert latest.exists(), (proc.communicate()[1][-2000:] if proc.poll() is not None
+                             else "no checkpoint in time")
     os.killpg(proc.pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "stopped by SIGTERM" in stderr and "latest.pt is saved" in stderr
     payload = load_checkpoint(latest)
     stopped_epoch = payload["epoch"]
-    assert 1 <= stopped_epoch < 1000 and payload["iteration"] == 2 * stopped_epoch + payload["epoch_iteration"]
+    assert 1 <= stopped_epoch < 1000
+    assert payload["iteration"] == 2 * stopped_epoch + payload["epoch_iteration"]
     assert not [p for p in latest.parent.iterdir() if p.name != "latest.pt"]  # no temporary files
 
     result = _cli(*args[:-2], *QUIET, f"train.epochs={stopped_epoch + 1}", "data.val_fraction=0", "--resume")
@@ -232,7 +235,8 @@ def test_user_errors_are_one_line(tmp_path, phantom, capsys, monkeypatch, caplog
 
     assert "unknown key 'train.foo'" in fails("--run-dir", str(tmp_path / "a"), "train.foo=1")
     assert "'train.lr' must be a number" in fails("--run-dir", str(tmp_path / "a"), "train.lr=fast")
-    assert "does not fit the model" in fails("--run-dir", str(tmp_path / "b"), *QUIET, "train.patch_size=[30,30,4]")
+    assert "does not fit the model" in fails("--run-dir", str(tmp_path / "b"), *QUIET,
+                                             "train.patch_size=[30,30,4]")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("keep me")
@@ -240,7 +244,8 @@ def test_user_errors_are_one_line(tmp_path, phantom, capsys, monkeypatch, caplog
     assert (busy / "notes.txt").read_text() == "keep me"
     assert "nothing to resume" in fails("--run-dir", str(tmp_path / "none"), "--resume")
     assert "--resume needs --run-dir" in fails("--resume")
-    assert "data root not found" in fails("--run-dir", str(tmp_path / "c"), "--data", str(tmp_path / "missing"))
+    assert "data root not found" in fails("--run-dir", str(tmp_path / "c"), "--data",
+                                          str(tmp_path / "missing"))
 
     run = tmp_path / "done"
     monkeypatch.setenv("SLURM_NTASKS", "2")  # e.g. srun -n 2 without torchrun
@@ -264,8 +269,9 @@ def test_sparse_acdc_labels_touch_no_unlabelled_frame(tmp_path, phantom, monkeyp
         return original(self, outputs, label, frame_mask)
 
     monkeypatch.setattr(T.DeepSupervisionLoss, "forward", recording_forward)
-    config = load_config(TINY, [f"data.root={phantom}", *QUIET, "train.epochs=1", "train.iterations_per_epoch=3",
-                                "train.time_window=4", "model.deep_supervision=true"])
+    config = load_config(TINY, [f"data.root={phantom}", *QUIET, "train.epochs=1",
+                                "train.iterations_per_epoch=3", "train.time_window=4",
+                                "model.deep_supervision=true"])
     run = T.run_training(config, run_dir=tmp_path / "acdc", config_path=TINY)
     assert len(seen) == 3
     assert any((~mask).any() for _, mask in seen), "expected unlabelled frames in the sampled windows"

@@ -104,7 +104,9 @@ def load_checkpoint(
         payload = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - arbitrary bytes make torch.load fail in arbitrary ways
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{p}: not a readable checkpoint (corrupt or truncated file?): {first_line}") from None
+        raise CheckpointError(
+            f"{p}: not a readable checkpoint (corrupt or truncated file?): {first_line}"
+        ) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{p}: not a trunet checkpoint (holds a {type(payload).__name__}, not a dict)")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
@@ -184,7 +186,8 @@ def capture_rng_state() -> dict[str, Any]:
     np_name, np_key, np_pos, np_has_gauss, np_cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": [py_version, list(py_state), py_gauss],
-        "numpy": [np_name, torch.from_numpy(np_key.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_cached)],
+        "numpy": [np_name, torch.from_numpy(np_key.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -206,6 +209,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
         else:
             logger.warning(
-                "checkpoint holds CUDA random states for %d devices, %d are visible: CUDA states not restored",
+                "checkpoint holds CUDA random states for %d devices, %d are visible: "
+                "CUDA states not restored",
                 len(cuda_states), torch.cuda.device_count(),
             )

@@ -104,8 +104,10 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistContext:
         if device.type == "cuda":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
-    logger.debug("joined process group: rank %d/%d (local %d) on %s via %s", rank, world_size, local_rank, device, backend)
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+    logger.debug("joined process group: rank %d/%d (local %d) on %s via %s", rank, world_size, local_rank,
+                 device, backend)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                       backend=backend)
 
 
 def cleanup(ctx: DistContext) -> None:

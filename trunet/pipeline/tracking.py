@@ -60,7 +60,8 @@ RUN_ID_FILE = "trunet-run-id"
 
 # RGB colours of classes 1.. (background is transparent): RV blue, MYO green, LV red, then others.
 _PALETTE = np.array(
-    [[0, 114, 255], [0, 200, 80], [230, 40, 40], [255, 200, 0], [200, 0, 200], [0, 200, 200]], dtype=np.float32
+    [[0, 114, 255], [0, 200, 80], [230, 40, 40], [255, 200, 0], [200, 0, 200], [0, 200, 200]],
+    dtype=np.float32,
 )
 
 
@@ -167,7 +168,8 @@ def mid_slice_images(
     class_labels = {i: name for i, name in enumerate(classes)}
     out = {}
     for name, t in frames.items():
-        masks = {"prediction": {"mask_data": np.asarray(pred[t, :, :, z]).T.astype(np.uint8), "class_labels": class_labels}}
+        prediction = np.asarray(pred[t, :, :, z]).T.astype(np.uint8)
+        masks = {"prediction": {"mask_data": prediction, "class_labels": class_labels}}
         if label is not None:
             gt = np.asarray(label[t, :, :, z]).T.astype(np.int64)
             gt = np.where((gt >= 0) & (gt < len(classes)), gt, 0).astype(np.uint8)
@@ -252,7 +254,8 @@ class Tracker:
 
     def _fail(self, what: str, exc: BaseException) -> None:
         message = " ".join(str(exc).split())[:300]
-        logger.warning("W&B tracking switched off after an error in %s: %s: %s", what, type(exc).__name__, message)
+        logger.warning("W&B tracking switched off after an error in %s: %s: %s", what, type(exc).__name__,
+                       message)
         run, self.run = self.run, None
         if run is not None:
             try:
@@ -300,7 +303,8 @@ class Tracker:
             for visual in visuals[: max(0, self.cfg.num_val_images)]:
                 case_id = str(visual["case_id"])
                 images = mid_slice_images(
-                    visual["image"], visual["pred"], visual.get("label"), visual["frames"], self.classes, case_id
+                    visual["image"], visual["pred"], visual.get("label"), visual["frames"], self.classes,
+                    case_id,
                 )
                 for frame_name, img in images.items():
                     data[f"val_images/{case_id}/{frame_name}"] = img
@@ -310,12 +314,16 @@ class Tracker:
                     np.asarray(visual["pred"])[:, :, :, z].transpose(0, 2, 1),
                 )
                 gif = io.BytesIO(encode_gif(frames))
-                data[f"val_cine/{case_id}"] = wandb.Video(gif, caption=f"{case_id} prediction, slice {z}", format="gif")
+                data[f"val_cine/{case_id}"] = wandb.Video(
+                    gif, caption=f"{case_id} prediction, slice {z}", format="gif"
+                )
             self.run.log(data, step=int(step))
         except Exception as exc:  # noqa: BLE001
             self._fail("log_validation", exc)
 
-    def log_checkpoint(self, path: str | os.PathLike, aliases: Sequence[str], metadata: Mapping[str, Any] | None = None) -> None:
+    def log_checkpoint(
+        self, path: str | os.PathLike, aliases: Sequence[str], metadata: Mapping[str, Any] | None = None
+    ) -> None:
         """Log a checkpoint file as a ``model`` artifact named ``model-<run id>`` with ``aliases``.
 
         Offline, wandb copies the file into ``RUN/wandb/data/artifacts/staging`` until ``wandb sync``;

@@ -134,7 +134,9 @@ class MaskedDiceCELoss(nn.Module):
         a scalar. A batch without any labelled frame gives ``0 * logits.sum()`` (graph kept).
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, dice_weight: float = 1.0, ce_weight: float = 1.0):
+    def __init__(
+        self, num_classes: int, ignore_index: int = 255, dice_weight: float = 1.0, ce_weight: float = 1.0
+    ):
         super().__init__()
         from monai.losses import MaskedDiceLoss
 
@@ -143,7 +145,8 @@ class MaskedDiceCELoss(nn.Module):
         self.dice_weight = float(dice_weight)
         self.ce_weight = float(ce_weight)
         # target one-hot is built here (not with to_onehot_y) so masked voxels are 0 in every channel
-        self.dice = MaskedDiceLoss(include_background=False, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.dice = MaskedDiceLoss(include_background=False, softmax=True, batch=True, smooth_nr=1e-5,
+                                   smooth_dr=1e-5)
 
     def forward(self, logits: Tensor, label: Tensor, frame_mask: Tensor) -> Tensor:
         if logits.dim() != 6 or label.shape != logits.shape[:2] + logits.shape[3:]:
@@ -180,7 +183,8 @@ def downsample_label(label: Tensor, size: Sequence[int]) -> Tensor:
     """
     if tuple(label.shape[2:]) == tuple(size):
         return label
-    return F.interpolate(label.float(), size=tuple(int(s) for s in size), mode="nearest-exact").to(label.dtype)
+    size = tuple(int(s) for s in size)
+    return F.interpolate(label.float(), size=size, mode="nearest-exact").to(label.dtype)
 
 
 class DeepSupervisionLoss(nn.Module):
@@ -209,7 +213,8 @@ class DeepSupervisionLoss(nn.Module):
 
 
 def poly_lr_lambda(total_steps: int, warmup_steps: int, power: float) -> Callable[[int], float]:
-    """LR factor per step: linear warm-up ``(s + 1) / W`` for ``s < W``, then ``(1 - (s - W) / (S - W)) ** power``."""
+    """LR factor per step ``s``: linear warm-up ``(s + 1) / W`` for ``s < W``, then poly decay
+    ``(1 - (s - W) / (S - W)) ** power`` to 0 at ``S`` total steps."""
     total_steps = max(1, int(total_steps))
     warmup_steps = max(0, min(int(warmup_steps), total_steps - 1))
 
@@ -327,7 +332,8 @@ class _StopRequest:
                 os.kill(os.getpid(), signum)
             return
         self.signum = signum
-        logger.warning("%s received: finishing the current step, then saving latest.pt", signal.Signals(signum).name)
+        logger.warning("%s received: finishing the current step, then saving latest.pt",
+                       signal.Signals(signum).name)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -365,7 +371,9 @@ class Trainer:
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from trunet.pipeline.data import build_eval_dataset, build_train_loader, median_target_spacing, resolve_cases
+        from trunet.pipeline.data import (
+            build_eval_dataset, build_train_loader, median_target_spacing, resolve_cases,
+        )
         from trunet.transforms.compose import preprocessing_from_config
 
         c, t, ctx = self.config, self.t, self.ctx
@@ -378,7 +386,7 @@ class Trainer:
 
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # the data workers need cores too: oversubscribed OpenMP threads slow a step down manyfold
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             torch.set_num_threads(max(1, cores // ctx.world_size - c.data.num_workers))
             logger.info("CPU training with %d thread(s) and %d data worker(s)", torch.get_num_threads(),
                         c.data.num_workers)
@@ -390,7 +398,9 @@ class Trainer:
         try:
             self.model.check_input_size(t.patch_size)
         except ValueError as exc:
-            raise ConfigError(f"train.patch_size {list(t.patch_size)} does not fit the model: {exc}") from None
+            raise ConfigError(
+                f"train.patch_size {list(t.patch_size)} does not fit the model: {exc}"
+            ) from None
 
         # rank 0 resolves (and maybe generates) the data first; the others then find it in place. A data
         # error on rank 0 is sent to every rank, so none waits for a collective that never comes.
@@ -436,8 +446,8 @@ class Trainer:
         if not isinstance(self.loader.worker_init_fn, _QuietWorkerInit):
             self.loader.worker_init_fn = _QuietWorkerInit(self.loader.worker_init_fn)
         # validation: every rank predicts its share of the cases, rank 0 gathers
-        self.val_dataset = build_eval_dataset(c, self.val_cases[ctx.rank :: ctx.world_size], self.preprocessing) \
-            if self.val_cases else None
+        shard = self.val_cases[ctx.rank :: ctx.world_size]
+        self.val_dataset = build_eval_dataset(c, shard, self.preprocessing) if self.val_cases else None
         self.val_records = {r["case_id"]: r for r in self.val_cases}
         if not self.val_cases and ctx.is_main:
             logger.warning("no validation cases: best.pt is not written (set data.val_fraction > 0)")
@@ -500,8 +510,9 @@ class Trainer:
         self.metrics = list(payload.get("metrics") or [])
         if payload.get("rng") is not None:
             ckpt.restore_rng_state(payload["rng"])
-        logger.info("resuming %s at epoch %d, step %d (best mean Dice so far: %s)", self.run_dir, self.epoch + 1,
-                    self.iteration, "none" if self.best_metric is None else f"{self.best_metric:.4f}")
+        best = "none" if self.best_metric is None else f"{self.best_metric:.4f}"
+        logger.info("resuming %s at epoch %d, step %d (best mean Dice so far: %s)", self.run_dir,
+                    self.epoch + 1, self.iteration, best)
 
     def save(self, best: bool = False) -> None:
         """Rank 0 writes ``latest.pt`` (and ``best.pt``); the other ranks write nothing."""
@@ -522,7 +533,9 @@ class Trainer:
             return
         sums = dist_utils.all_gather_objects(checksum, self.ctx)
         if any(not math.isclose(v, sums[0], rel_tol=1e-9, abs_tol=1e-9) for v in sums):
-            raise TrunetError(f"data-parallel ranks hold different weights after epoch {self.epoch}: checksums {sums}")
+            raise TrunetError(
+                f"data-parallel ranks hold different weights after epoch {self.epoch}: checksums {sums}"
+            )
 
     # -- data --------------------------------------------------------------------------------------
     def _epoch_loader(self, seed: int, steps: int) -> Any:
@@ -559,7 +572,8 @@ class Trainer:
                 if remaining == 0:
                     return
             if produced == 0:
-                raise TrunetError("the training loader produced no batch (fewer training samples than batch_size?)")
+                raise TrunetError("the training loader produced no batch "
+                                  "(fewer training samples than batch_size?)")
             passes += 1
 
     # -- one step ----------------------------------------------------------------------------------
@@ -591,9 +605,11 @@ class Trainer:
             logger.warning("non-finite loss at epoch %d, step %d: step skipped (%d in a row, stop at %d)",
                            self.epoch + 1, self.iteration + 1, self.nonfinite_run, self.t.max_nonfinite)
             if self.nonfinite_run >= self.t.max_nonfinite:
-                kept = f"{self.latest_path} (epoch {self.epoch})" if self.latest_path.is_file() else "no checkpoint yet"
+                kept = (f"{self.latest_path} (epoch {self.epoch})" if self.latest_path.is_file()
+                        else "no checkpoint yet")
                 raise TrunetError(
-                    f"non-finite loss in {self.nonfinite_run} consecutive steps (epoch {self.epoch + 1}, step "
+                    f"non-finite loss in {self.nonfinite_run} consecutive steps "
+                    f"(epoch {self.epoch + 1}, step "
                     f"{self.iteration + 1}): training stopped; last good checkpoint: {kept}. Lower train.lr, "
                     "check the data, or set train.amp: false"
                 )
@@ -660,15 +676,18 @@ class Trainer:
                 labelled = torch.nonzero(frames).flatten().tolist()
                 ed = record.get("ed") if record.get("ed") is not None else labelled[0]
                 es = record.get("es") if record.get("es") is not None else labelled[-1]
-                visuals.append({"case_id": case_id, "image": np.asarray(torch.as_tensor(image).cpu()),
-                                "pred": pred.numpy(), "label": label.numpy(), "frames": {"ED": int(ed), "ES": int(es)}})
+                visuals.append({
+                    "case_id": case_id, "image": np.asarray(torch.as_tensor(image).cpu()),
+                    "pred": pred.numpy(), "label": label.numpy(), "frames": {"ED": int(ed), "ES": int(es)},
+                })
         gathered = dist_utils.all_gather_objects(rows, self.ctx)
         rows = sorted((r for part in gathered for r in part), key=lambda r: r["case_id"])
         scalars: dict[str, float] = {}
         for name in self.classes[1:]:
             scalars[f"val/dice/{name}"] = _nanmean(torch.tensor([r[f"dice/{name}"] for r in rows]))
             scalars[f"val/hd95/{name}"] = _nanmean(torch.tensor([r[f"hd95/{name}"] for r in rows]))
-        scalars["val/mean_dice"] = _nanmean(torch.tensor([scalars[f"val/dice/{n}"] for n in self.classes[1:]]))
+        foreground = [scalars[f"val/dice/{n}"] for n in self.classes[1:]]
+        scalars["val/mean_dice"] = _nanmean(torch.tensor(foreground))
         return {"scalars": scalars, "rows": rows, "visuals": visuals}
 
     # -- files -------------------------------------------------------------------------------------
@@ -685,7 +704,9 @@ class Trainer:
         writer = csv.DictWriter(buffer, fieldnames=self.metric_columns(), extrasaction="ignore")
         writer.writeheader()
         for row in self.metrics:
-            writer.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+            # repr keeps every bit of a float, so resumed and uninterrupted runs compare exactly
+            writer.writerow({k: "" if v is None else repr(v) if isinstance(v, float) else v
+                             for k, v in row.items()})
         write_text(self.run_dir / "metrics.csv", buffer.getvalue())
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -711,39 +732,8 @@ class Trainer:
         try:
             with _StopRequest() as stop, logging_redirect_tqdm():
                 while self.epoch < t.epochs:
-                    epoch, start = self.epoch, self.epoch_iteration
-                    bar = tqdm(total=t.iterations_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{t.epochs}",
-                               unit="step", disable=not ctx.is_main, leave=False, dynamic_ncols=True)
                     t0 = time.perf_counter()
-                    window_loss, window_n, window_t0, window_steps = 0.0, 0, t0, 0
-                    stopped = False
-                    for batch in self._batches(epoch, start):
-                        loss, stopped = self.step(batch, stop)
-                        self.epoch_iteration += 1
-                        window_steps += 1
-                        if loss is not None:
-                            self.partial["loss_sum"] += loss
-                            self.partial["loss_count"] += 1
-                            window_loss += loss
-                            window_n += 1
-                        elapsed = time.perf_counter() - t0
-                        sps = (self.epoch_iteration - start) * samples_per_step / max(elapsed, 1e-9)
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{window_loss / max(window_n, 1):.4f}", samples_per_s=f"{sps:.1f}")
-                        if self.iteration % max(1, self.config.tracking.wandb.log_every) == 0:
-                            now = time.perf_counter()
-                            scalars = {"train/loss": window_loss / window_n if window_n else float("nan"),
-                                       "train/lr": self.optimizer.param_groups[0]["lr"],
-                                       "train/samples_per_s": window_steps * samples_per_step / max(now - window_t0, 1e-9),
-                                       "train/epoch": epoch + self.epoch_iteration / t.iterations_per_epoch}
-                            if self.device.type == "cuda":
-                                scalars["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
-                            self.tracker.log(scalars, step=self.iteration)
-                            window_loss, window_n, window_t0, window_steps = 0.0, 0, now, 0
-                        if stopped:
-                            break
-                    bar.close()
-                    if stopped:
+                    if self._train_epoch(stop, tqdm):
                         self.save()
                         dist_utils.barrier(ctx)
                         signum = stop.signum or signal.SIGTERM
@@ -756,6 +746,48 @@ class Trainer:
             if self.tracker is not None:
                 self.tracker.finish(exit_code=exit_code)
         return self.run_dir
+
+    def _train_epoch(self, stop: _StopRequest, tqdm: Any) -> bool:
+        """The remaining steps of the current epoch, with a progress bar and W&B scalars every
+        ``log_every`` steps. Returns True when a stop was requested (the epoch is then unfinished)."""
+        t = self.t
+        epoch, start = self.epoch, self.epoch_iteration
+        samples_per_step = t.batch_size * self.ctx.world_size
+        bar = tqdm(total=t.iterations_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{t.epochs}",
+                   unit="step", disable=not self.ctx.is_main, leave=False, dynamic_ncols=True)
+        t0 = window_t0 = time.perf_counter()
+        window_loss, window_n, window_steps = 0.0, 0, 0
+        stopped = False
+        try:
+            for batch in self._batches(epoch, start):
+                loss, stopped = self.step(batch, stop)
+                self.epoch_iteration += 1
+                window_steps += 1
+                if loss is not None:
+                    self.partial["loss_sum"] += loss
+                    self.partial["loss_count"] += 1
+                    window_loss += loss
+                    window_n += 1
+                sps = (self.epoch_iteration - start) * samples_per_step / max(time.perf_counter() - t0, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{window_loss / max(window_n, 1):.4f}", samples_per_s=f"{sps:.1f}")
+                if self.iteration % max(1, self.config.tracking.wandb.log_every) == 0:
+                    now = time.perf_counter()
+                    scalars = {
+                        "train/loss": window_loss / window_n if window_n else float("nan"),
+                        "train/lr": self.optimizer.param_groups[0]["lr"],
+                        "train/samples_per_s": window_steps * samples_per_step / max(now - window_t0, 1e-9),
+                        "train/epoch": epoch + self.epoch_iteration / t.iterations_per_epoch,
+                    }
+                    if self.device.type == "cuda":
+                        scalars["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+                    self.tracker.log(scalars, step=self.iteration)
+                    window_loss, window_n, window_t0, window_steps = 0.0, 0, now, 0
+                if stopped:
+                    break
+        finally:
+            bar.close()
+        return stopped
 
     def _end_epoch(self, seconds: float) -> None:
         t, ctx = self.t, self.ctx
@@ -783,9 +815,9 @@ class Trainer:
             if not math.isnan(mean) and (self.best_metric is None or mean > self.best_metric):
                 self.best_metric, is_best = mean, True
             self.tracker.log_validation(self.iteration, s, result["rows"], result["visuals"])
+            best = self.best_metric if self.best_metric is not None else float("nan")
             summary = ("  val Dice " + " ".join(f"{n} {s[f'val/dice/{n}']:.3f}" for n in self.classes[1:])
-                       + f" mean {mean:.4f} (best {self.best_metric if self.best_metric is not None else float('nan'):.4f})"
-                       + f" [{time.perf_counter() - v0:.1f} s]")
+                       + f" mean {mean:.4f} (best {best:.4f}) [{time.perf_counter() - v0:.1f} s]")
         self.metrics.append(row)
         self.epoch += 1
         self.epoch_iteration = 0
@@ -801,7 +833,8 @@ class Trainer:
         if self.epoch == t.epochs:
             self.tracker.summary({"best_mean_dice": self.best_metric, "epochs": self.epoch})
             if self.best_path.is_file():
-                self.tracker.log_checkpoint(self.best_path, ["best"], {"epoch": self.epoch, "mean_dice": self.best_metric})
+                self.tracker.log_checkpoint(self.best_path, ["best"],
+                                            {"epoch": self.epoch, "mean_dice": self.best_metric})
             self.tracker.log_checkpoint(self.latest_path, ["latest"], {"epoch": self.epoch})
 
 
@@ -823,8 +856,8 @@ def _debug_record(ctx: DistContext, name: str, line: str) -> None:
 def parameter_checksum(model: nn.Module) -> float:
     """A float64 fingerprint of the weights (sum of each tensor times its 1-based position)."""
     with torch.no_grad():
-        return float(sum((i + 1) * p.detach().double().sum().item() for i, p in enumerate(model.state_dict().values())
-                         if p.is_floating_point()))
+        tensors = [p for p in model.state_dict().values() if p.is_floating_point()]
+        return float(sum((i + 1) * p.detach().double().sum().item() for i, p in enumerate(tensors)))
 
 
 def _debug_loss_hook(loss: Tensor, iteration: int) -> Tensor:
@@ -852,7 +885,8 @@ def _prepare_run_dir(config: Config, run_dir: Optional[str | os.PathLike], resum
         if not (run / "checkpoints" / "latest.pt").is_file():
             raise TrunetError(f"{run}: nothing to resume (no checkpoints/latest.pt in this folder)")
     elif run.exists() and (not run.is_dir() or any(run.iterdir())):
-        raise TrunetError(f"{run}: the run folder is not empty; continue it with --resume or choose another --run-dir")
+        raise TrunetError(f"{run}: the run folder is not empty; continue it with --resume or choose another "
+                          "--run-dir")
     run.mkdir(parents=True, exist_ok=True)
     return run
 
