@@ -48,14 +48,18 @@ from trunet.pipeline.config import Config, config_from_dict
 
 MB = 1e6
 
-SMALL_MODEL = {"channels": [16, 32, 64, 128], "strides": [[2, 2, 1], [2, 2, 1], [2, 2, 2]], "clstm_levels": "all"}
+SMALL_MODEL = {"channels": [16, 32, 64, 128], "strides": [[2, 2, 1], [2, 2, 1], [2, 2, 2]],
+               "clstm_levels": "all"}
 
 VALIDATION = {
     # name: (config mapping, batch, time window, patch)
-    "demo-arch fp32": ({"model": SMALL_MODEL, "train": {"amp": False, "optimizer": "sgd"}}, 1, 4, (64, 64, 8)),
+    "demo-arch fp32": (
+        {"model": SMALL_MODEL, "train": {"amp": False, "optimizer": "sgd"}}, 1, 4, (64, 64, 8)),
     "demo-arch bf16 + checkpointing, AdamW": (
-        {"model": {**SMALL_MODEL, "checkpointing": True}, "train": {"amp": True, "optimizer": "adamw"}}, 2, 4, (64, 64, 8)),
-    "default-arch bf16 (deep sup.)": ({"model": {"deep_supervision": True}, "train": {"amp": True}}, 1, 3, (64, 64, 4)),
+        {"model": {**SMALL_MODEL, "checkpointing": True}, "train": {"amp": True, "optimizer": "adamw"}},
+        2, 4, (64, 64, 8)),
+    "default-arch bf16 (deep sup.)": (
+        {"model": {"deep_supervision": True}, "train": {"amp": True}}, 1, 3, (64, 64, 4)),
 }
 
 SAVERS_BASE = {"model": SMALL_MODEL, "train": {"amp": False, "optimizer": "sgd"}}
@@ -66,7 +70,8 @@ SAVERS = {
     "checkpointing (stages + time steps)": ({"checkpointing": True}, {}),
     "CLSTM at the bottleneck only": ({"clstm_levels": "bottleneck"}, {}),
     "bf16 + checkpointing": ({"checkpointing": True}, {"amp": True}),
-    "bf16 + checkpointing + bottleneck": ({"checkpointing": True, "clstm_levels": "bottleneck"}, {"amp": True}),
+    "bf16 + checkpointing + bottleneck": (
+        {"checkpointing": True, "clstm_levels": "bottleneck"}, {"amp": True}),
 }
 SAVERS_SIZE = (1, 6, (64, 64, 8))  # batch, time window, patch
 
@@ -127,15 +132,19 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"peak_rss_growth": peak, "first_step_s": first, "step_s": statistics.median(times) if times else first}
+    median = statistics.median(times) if times else first
+    return {"peak_rss_growth": peak, "first_step_s": first, "step_s": median}
 
 
-def _measure(mapping: dict[str, Any], b: int, t: int, patch: tuple[int, int, int], threads: int, repeats: int) -> dict[str, Any]:
-    spec = {"config": mapping, "batch": b, "time": t, "patch": list(patch), "threads": threads, "repeats": repeats}
+def _measure(
+    mapping: dict[str, Any], b: int, t: int, patch: tuple[int, int, int], threads: int, repeats: int
+) -> dict[str, Any]:
+    spec = {"config": mapping, "batch": b, "time": t, "patch": list(patch), "threads": threads,
+            "repeats": repeats}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
                OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          env=env, check=False)
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                          text=True, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -156,7 +165,8 @@ def _header(args: argparse.Namespace) -> str:
 
 
 def validate(args: argparse.Namespace) -> str:
-    rows = ["| config | B x T x patch | estimate: live activations MB | measured: saved-tensor MB (live MB) | "
+    rows = ["| config | B x T x patch | estimate: live activations MB | "
+            "measured: saved-tensor MB (live MB) | "
             "estimate: step peak MB | measured: peak RSS growth MB | estimate / measured |",
             "|---|---|---|---|---|---|---|"]
     for name, (mapping, b, t, patch) in VALIDATION.items():
@@ -170,20 +180,23 @@ def validate(args: argparse.Namespace) -> str:
         rows.append(
             f"| {name} | {b} x {t} x {'x'.join(map(str, patch))} | {est.activations / MB:.1f} | "
             f"{probe.saved / MB:.1f} ({probe.live / MB:.1f}) | {step_est / MB:.1f} | "
-            f"{measured['peak_rss_growth'] / MB:.1f} | {step_est / max(1, measured['peak_rss_growth']):.2f} |")
+            f"{measured['peak_rss_growth'] / MB:.1f} | "
+            f"{step_est / max(1, measured['peak_rss_growth']):.2f} |")
     return "\n".join(rows)
 
 
 def savers(args: argparse.Namespace) -> str:
     b, t, patch = SAVERS_SIZE
-    rows = [f"B x T x patch = {b} x {t} x {'x'.join(map(str, patch))}, model channels {SMALL_MODEL['channels']}, "
+    rows = [f"B x T x patch = {b} x {t} x {'x'.join(map(str, patch))}, "
+            f"model channels {SMALL_MODEL['channels']}, "
             f"SGD; CPU step time: median of {args.repeats} steps after one.",
             "",
             "| variant | est. activations MB | est. step peak MB (CPU) | est. total GB (CUDA) | "
             "measured peak RSS growth MB | CPU step s |",
             "|---|---|---|---|---|---|"]
     for name, (model_over, train_over) in SAVERS.items():
-        mapping = {"model": {**SAVERS_BASE["model"], **model_over}, "train": {**SAVERS_BASE["train"], **train_over}}
+        mapping = {"model": {**SAVERS_BASE["model"], **model_over},
+                   "train": {**SAVERS_BASE["train"], **train_over}}
         config = _config(mapping)
         est = planning.estimate_memory(config, patch, t, b, device_type="cpu")
         cuda = planning.estimate_memory(config, patch, t, b, device_type="cuda")
@@ -219,7 +232,8 @@ def default_savers() -> str:
             t = config.train
             rows += [f"configs/default.yaml: B x T x patch = {t.batch_size} x {t.time_window} x "
                      f"{'x'.join(map(str, t.patch_size))}; estimates (CUDA accounting), not measured.", "",
-                     "| variant | parameters GB | activations GB (saved for backward) | backward workspace GB | "
+                     "| variant | parameters GB | activations GB (saved for backward) | "
+                     "backward workspace GB | "
                      "estimated peak GB |", "|---|---|---|---|---|"]
         rows.append(f"| {name} | {est.gb('parameters'):.3f} | {est.gb('activations'):.2f} "
                     f"({est.gb('saved_tensors'):.2f}) | {est.gb('workspace'):.2f} | {est.gb():.2f} |")
@@ -235,12 +249,14 @@ def vram_table(sizes: tuple[int, ...] = (12, 24, 40, 80), headroom: float = 0.1,
 
     path = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
     configs = [load_config(path), load_config(path, ["model.checkpointing=true"])]
-    rows = [f"| VRAM | usable | planner's choice (T, batch, patch x, y, z) | estimate | largest patch at T = {frames}, "
+    rows = [f"| VRAM | usable | planner's choice (T, batch, patch x, y, z) | estimate | "
+            f"largest patch at T = {frames}, "
             "batch 2 | estimate | same with checkpointing | estimate |", "|---|---|---|---|---|---|---|---|"]
     for vram in sizes:
         result = planning.plan(configs[0], vram, headroom)
         c = result.chosen
-        row = (f"| {vram} GB | {result.budget / planning.GB:.1f} GB | T = {c.time_window}, B = {c.batch_size}, "
+        row = (f"| {vram} GB | {result.budget / planning.GB:.1f} GB | "
+               f"T = {c.time_window}, B = {c.batch_size}, "
                f"{' x '.join(map(str, c.patch_size))} | {c.total / planning.GB:.1f} GB ")
         for config in configs:
             fits = [(p, e) for p in result.ladder

@@ -91,7 +91,8 @@ def test_planner_choice_fits_and_next_candidate_does_not():
     result = planning.plan(config, vram_gb=0.6, headroom=0.1)
     chosen = result.chosen
     assert chosen.total <= result.budget == int(0.6 * 0.9 * 1e9)
-    assert chosen.total == planning.estimate_memory(config, chosen.patch_size, chosen.time_window, chosen.batch_size).total
+    again = planning.estimate_memory(config, chosen.patch_size, chosen.time_window, chosen.batch_size)
+    assert chosen.total == again.total
     assert chosen.batch_size >= 2
     i = result.ladder.index(chosen.patch_size)
     assert i + 1 < len(result.ladder), "the test budget should not reach the cap"
@@ -99,8 +100,9 @@ def test_planner_choice_fits_and_next_candidate_does_not():
     assert bigger.total > result.budget
     for c in result.candidates:
         assert c.fits == (c.total <= result.budget)
-    assert result.fragment() == {"train": {"patch_size": list(chosen.patch_size),
-                                           "time_window": chosen.time_window, "batch_size": chosen.batch_size}}
+    train = {"patch_size": list(chosen.patch_size), "time_window": chosen.time_window,
+             "batch_size": chosen.batch_size}
+    assert result.fragment() == {"train": train}
     # a larger budget never gives a smaller training sample
     larger = planning.plan(config, vram_gb=1.2, headroom=0.1).chosen
     assert larger.sample_voxels * larger.batch_size >= chosen.sample_voxels * chosen.batch_size

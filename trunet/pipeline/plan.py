@@ -74,6 +74,7 @@ more voxels, among patches covering at least half the median in-plane field of v
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -98,6 +99,8 @@ from trunet.pipeline.config import Config
 __all__ = [
     "MemoryEstimate",
     "ActivationProbe",
+    "build_model",
+    "build_criterion",
     "PlanCandidate",
     "PlanResult",
     "estimate_memory",
@@ -122,7 +125,7 @@ ACDC_MEDIAN_SHAPE = (256, 216, 10)
 """ACDC-typical median shape (x, y, z) at :data:`ACDC_SPACING`, used when no dataset is on disk."""
 ACDC_SPACING = (1.5, 1.5, 10.0)
 ACDC_MIN_FRAMES = 12
-"""ACDC cines have 12 to 35 frames: the time window is capped at the shortest cine so no window repeats a frame."""
+"""ACDC cines have 12 to 35 frames: windows are capped at the shortest cine so that none repeats a frame."""
 TIME_WINDOWS = tuple(range(4, 17))
 """Time-window candidates of the planner, capped by the dataset's shortest cine."""
 MIN_BATCH = 2
@@ -187,7 +190,7 @@ class MemoryEstimate:
 
     @property
     def step_bytes(self) -> int:
-        """What one training step adds on top of the model's weights: everything but parameters and context."""
+        """What a training step adds to the weights: everything but parameters and CUDA context."""
         return self.total - self.parameters - self.cuda_context
 
     def gb(self, component: str = "total") -> float:
@@ -211,10 +214,12 @@ class MemoryEstimate:
             ("CUDA context", self.cuda_context),
             ("total", self.total),
         ]
+        ckpt = "on" if self.checkpointing else "off"
         head = (f"patch {list(self.patch_size)}, time window {self.time_window}, batch {self.batch_size}, "
-                f"{self.precision}, checkpointing {'on' if self.checkpointing else 'off'}, {self.device_type}")
+                f"{self.precision}, checkpointing {ckpt}, {self.device_type}")
         return (head + "\n" + "\n".join(f"  {name:<30s} {value / GB:9.3f} GB" for name, value in rows)
-                + "\n  (* the total takes the larger of activations + backward workspace and the optimizer step's)")
+                + "\n  (* the total takes the larger of activations + backward workspace and the optimizer "
+                "step's)")
 
 
 @dataclass(frozen=True)
@@ -395,7 +400,8 @@ def probe_activations(
 
     handles = []
     if regions:
-        stages = [*getattr(getattr(model, "encoder", None), "stages", []), *getattr(getattr(model, "decoder", None), "ups", [])]
+        encoder, decoder = getattr(model, "encoder", None), getattr(model, "decoder", None)
+        stages = [*getattr(encoder, "stages", []), *getattr(decoder, "ups", [])]
 
         def enter(index: int) -> Any:
             def hook(module: nn.Module, args: Any) -> None:
@@ -411,7 +417,7 @@ def probe_activations(
     amp = _amp_dtype(config)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), watch:
-            with torch.autocast("cpu", dtype=amp) if amp is not None else _null():
+            with torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext():
                 outputs = model(image)
             loss = criterion(outputs, label, frame_mask)
             del outputs
@@ -422,14 +428,6 @@ def probe_activations(
     del loss
     return ActivationProbe(live=live, saved=sum(saved.values()), largest=watch.largest,
                            largest_region=max(region_bytes.values(), default=0))
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _monomials(b: float, t: float, v: float) -> np.ndarray:
@@ -452,7 +450,8 @@ class _Fit:
         m = _monomials(b, t, v)
         live = int(round(float(np.dot(self.live, m))))
         saved = int(round(float(np.dot(self.saved, m))))
-        return live, saved, int(round(self.largest_per_btv * b * t * v)), int(round(self.region_per_btv * b * t * v))
+        btv = b * t * v
+        return live, saved, int(round(self.largest_per_btv * btv)), int(round(self.region_per_btv * btv))
 
 
 def _fit_key(config: Config) -> str:
@@ -473,7 +472,8 @@ def _fit(key: str) -> _Fit:
     config = config_from_dict({
         "model": spec["model"],
         "data": {"classes": [f"c{i}" for i in range(spec["classes"])]},
-        "train": {"amp": spec["amp"], "dice_weight": float(spec["loss"][0]), "ce_weight": float(spec["loss"][1])},
+        "train": {"amp": spec["amp"], "dice_weight": float(spec["loss"][0]),
+                  "ce_weight": float(spec["loss"][1])},
     }, source="<plan>")
     model = build_model(config, initialise=False)
     criterion = build_criterion(config)
@@ -503,8 +503,7 @@ def _fit(key: str) -> _Fit:
 
 
 def _check_size(config: Config, patch_size: Sequence[int]) -> tuple[int, int, int]:
-    from trunet.models.unet import TimeResolvedUNet  # noqa: F401 - the divisor rule lives there
-
+    """The patch as a 3-tuple, or a TrunetError if the strides do not divide it (the model's rule)."""
     scales = [1, 1, 1]
     for s in config.model.strides:
         scales = [a * b for a, b in zip(scales, s)]
@@ -555,7 +554,11 @@ def estimate_memory(
     else:
         optimizer = params if t.momentum != 0 else 0
     cuda = device_type == "cuda"
-    workspace = largest + fit.largest_parameter + (largest if cuda else 0) + (region if config.model.checkpointing else 0)
+    workspace = largest + fit.largest_parameter
+    if cuda:
+        workspace += largest  # cuDNN convolution workspace allowance
+    if config.model.checkpointing:
+        workspace += region
     optimizer_workspace = 2 * (params if cuda else fit.largest_parameter)
     batch_bytes = batch * frames * (voxels * (4 + 8) + 1)
     return MemoryEstimate(
@@ -638,7 +641,8 @@ class PlanResult:
     def fragment(self) -> dict[str, Any]:
         """The chosen values as a config fragment ``{"train": {...}}``."""
         c = self.chosen
-        return {"train": {"patch_size": list(c.patch_size), "time_window": c.time_window, "batch_size": c.batch_size}}
+        return {"train": {"patch_size": list(c.patch_size), "time_window": c.time_window,
+                          "batch_size": c.batch_size}}
 
 
 def patch_ladder(
@@ -730,7 +734,9 @@ def _budget(vram_gb: float, headroom: float) -> int:
     return int(vram_gb * (1 - headroom) * GB)
 
 
-def plan(config: Config, vram_gb: float = 40.0, headroom: float = 0.1, device_type: str = "cuda") -> PlanResult:
+def plan(
+    config: Config, vram_gb: float = 40.0, headroom: float = 0.1, device_type: str = "cuda"
+) -> PlanResult:
     """Choose patch size, time window and batch size for ``vram_gb * (1 - headroom)`` (module docstring).
 
     Raises:
@@ -762,8 +768,8 @@ def plan(config: Config, vram_gb: float = 40.0, headroom: float = 0.1, device_ty
     smallest = total(ladder[0], windows[0], 1)
     if smallest > budget:
         raise TrunetError(
-            f"a budget of {vram_gb:g} GB with headroom {headroom:g} ({budget / GB:.2f} GB usable) is too small "
-            f"for the smallest candidate (patch {list(ladder[0])}, time window {windows[0]}, batch 1: "
+            f"a budget of {vram_gb:g} GB with headroom {headroom:g} ({budget / GB:.2f} GB usable) is too "
+            f"small for the smallest candidate (patch {list(ladder[0])}, time window {windows[0]}, batch 1: "
             f"{smallest / GB:.2f} GB); lower the model size or raise the budget"
         )
     min_inplane = MIN_FOV_FRACTION * MIN_FOV_FRACTION * shape[0] * shape[1]
@@ -798,7 +804,8 @@ def plan(config: Config, vram_gb: float = 40.0, headroom: float = 0.1, device_ty
         candidates.append(PlanCandidate(chosen.patch_size, chosen.time_window, b + 1,
                                         total(chosen.patch_size, chosen.time_window, b + 1), False))
     estimate = estimate_memory(config, chosen.patch_size, chosen.time_window, chosen.batch_size, device_type)
-    return PlanResult(chosen, estimate, budget, candidates, ladder, shape, spacing, windows, source)  # type: ignore[arg-type]
+    return PlanResult(chosen, estimate, budget, candidates, ladder, shape, spacing,  # type: ignore[arg-type]
+                      windows, source)
 
 
 def _table(result: PlanResult) -> str:
@@ -827,7 +834,8 @@ def run_plan(
     else:
         print(f"estimated peak training memory of the config as given (GB = 1e9 bytes):\n{given.summary()}")
         verdict = "fits" if given.total <= budget else "does NOT fit"
-        print(f"budget: {vram_gb:g} GB x (1 - {headroom:g}) = {budget / GB:.2f} GB -> the config as given {verdict}")
+        print(f"budget: {vram_gb:g} GB x (1 - {headroom:g}) = {budget / GB:.2f} GB -> "
+              f"the config as given {verdict}")
     result = plan(config, vram_gb, headroom)
     print(f"\npatch cap: median shape {list(result.median_shape)} at spacing {list(result.spacing)} mm "
           f"({result.shape_source}); size divisor {list(result.ladder[0])}; time windows "
