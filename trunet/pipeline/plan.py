@@ -22,10 +22,14 @@ input sizes are multiples of the strides, every activation has ``B * T * V / P_l
 of the patch, ``P_l`` the level's pooling factor), InstanceNorm statistics have ``B * T * C``, the first
 ConvLSTM step (no recurrent convolution) is one extra frame, and weight casts are per forward or per time
 step. So the live bytes are *multilinear* in ``B``, ``T`` and ``V``: a sum of the eight monomials
-``1, B, T, V, BT, BV, TV, BTV``. Eight probes, ``B in {1, 2}`` x ``T in {2, 3}`` x two patch sizes, fix
+``1, B, T, V, BT, BV, TV, BTV``. Eight probes, ``B in {2, 4}`` x ``T in {2, 3}`` x two patch sizes, fix
 the eight coefficients exactly; any other size is then a dot product (``tests/test_plan.py`` checks the
-prediction against a direct measurement at a size not probed). The fit is cached per architecture and
-precision, so a planner search costs eight small forwards, not one per candidate.
+prediction against a direct measurement at a size not probed). ``B = 1`` is not probed because on the CPU
+a one-sample float32 recurrent convolution takes a halo-padded path (``trunet/models/clstm.py``) that
+CUDA never takes. The fit is cached per architecture and precision, so a planner search costs eight small
+forwards, not one per candidate. In the probes, convolutions and weight casts return uninitialised
+tensors of the right shape instead of computing (values never change what autograd saves), which makes
+the default model's eight probes take about a second.
 
 Assumptions (each one a choice; the figures in BENCHMARKS.md test them on the CPU)
 ---------------------------------------------------------------------------------
@@ -34,6 +38,8 @@ Assumptions (each one a choice; the figures in BENCHMARKS.md test them on the CP
    LeakyReLU, sigmoid/tanh and the elementwise gate arithmetic are on neither list and keep the input
    dtype; the ops where the lists differ (``softmax``, ``log_softmax``, ``sum`` ... are float32 on CUDA,
    not on CPU) occur only in the loss, which the trainer computes outside autocast on ``logits.float()``.
+   Checked: under CPU autocast every 5-D tensor the network saves is bf16, only the InstanceNorm
+   statistics are float32.
    fp16 (GPUs without bf16) has the same element size as bf16, so one bf16 probe serves both. AMP off
    means float32 throughout.
 2. **Labels.** Every frame of a window is labelled (dense labels, as the phantom): the loss then holds
@@ -63,10 +69,10 @@ Planner (:func:`plan`)
 ----------------------
 Patch candidates keep the aspect ratio of the target spacing (equal physical extent per axis, i.e.
 ``size_i ~ 1 / spacing_i``), are multiples of ``model.size_divisor`` and are capped by the dataset's
-median shape at the target spacing. Without a dataset on disk (the phantom, or no data) the ACDC-typical
-median shape 256 x 216 x 10 at 1.5 x 1.5 x 10 mm is used (the ACDC training set's median in-plane
-spacing is ~1.5 mm on ~230 x 220 matrices and 10 mm slice spacing with ~10 slices). Time windows 4..16,
-capped by the shortest cine (12 frames for ACDC-typical data: a longer window would repeat frames).
+median shape at the target spacing, rounded down to a multiple. With a dataset on disk (``data.root``)
+the image headers give the median shape, spacing and the shortest cine; without one (the phantom, or no
+data) the ACDC-typical median shape 256 x 216 x 10 at 1.5 x 1.5 x 10 mm and cines of at least 12 frames
+are assumed. Time windows 4..16, capped by the shortest cine (a longer window would repeat frames).
 Batch 2 (nnU-Net's minimum) unless nothing fits; a larger batch only when patch and time window are both
 at their caps. The choice maximises the voxels of one training sample ``T * V``, then more frames, then
 more voxels, among patches covering at least half the median in-plane field of view when any does.
