@@ -149,3 +149,13 @@ def test_cli_plan_bad_budget_is_one_line_exit_2(capsys, repo):
     code = main(["plan", "--config", str(repo / "configs" / "default.yaml"), "--vram-gb", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "--vram-gb must be a positive" in err and err.count("\n") == 1
+
+
+def test_estimate_leaves_global_rng_alone():
+    """The trainer calls estimate_memory after seeding: it must not shift the random streams."""
+    import torch
+
+    torch.manual_seed(3)
+    before = torch.random.get_rng_state().clone()
+    planning.estimate_memory(tiny({"clstm_levels": "bottleneck", "checkpointing": True}), (16, 16, 4), 3, 2)
+    assert torch.equal(before, torch.random.get_rng_state())
