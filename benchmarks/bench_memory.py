@@ -189,7 +189,7 @@ def savers(args: argparse.Namespace) -> str:
     b, t, patch = SAVERS_SIZE
     rows = [f"B x T x patch = {b} x {t} x {'x'.join(map(str, patch))}, "
             f"model channels {SMALL_MODEL['channels']}, "
-            f"SGD; CPU step time: median of {args.repeats} steps after one.",
+            f"SGD; CPU step time: median of {args.repeats} steps after two.",
             "",
             "| variant | est. activations MB | est. step peak MB (CPU) | est. total GB (CUDA) | "
             "measured peak RSS growth MB | CPU step s |",
