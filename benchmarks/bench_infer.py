@@ -164,6 +164,12 @@ def main() -> None:
         folder = Path(tmp)
         image = write_case(folder, args.frames, tuple(args.size), tuple(args.spacing))
         checkpoint = write_checkpoint(folder, args.config, tuple(args.spacing))
+        from trunet.pipeline.config import load_config
+
+        config = load_config(args.config)
+        print(f"infer:   patch {list(config.train.patch_size)}, overlap {config.infer.overlap}, "
+              f"sw_batch_size {config.infer.sw_batch_size}, time window 'auto' (training window "
+              f"{config.train.time_window}, time_overlap {config.infer.time_overlap}), largest-component post-processing")
         for setting in [s.strip() for s in args.tta.split(",") if s.strip()]:
             cmd = [sys.executable, __file__, "--worker", "--checkpoint", str(checkpoint), "--image", str(image),
                    "--out", str(folder / f"out-{setting}"), "--device", args.device, "--tta", setting,
@@ -174,10 +180,11 @@ def main() -> None:
                 print(proc.stdout + proc.stderr, file=sys.stderr)
                 raise SystemExit(f"setting tta={setting} failed (exit {proc.returncode})")
             r = json.loads(lines[-1][len("RESULT "):])
+            r["load"] = os.getloadavg()[1]  # 5-minute load average at the end: other jobs on the machine
             cuda = f", peak CUDA {r['peak_cuda_mb']:.0f} MB on {r['gpu']}" if "peak_cuda_mb" in r else ""
             print(f"tta={setting:3s}: {r['seconds']:8.1f} s end to end ({r['predict_seconds']:.1f} s in the predictor), "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB (before run_prediction {r['rss_before_mb']:.0f} MB), "
-                  f"{r['threads']} torch threads{cuda}", flush=True)
+                  f"{r['threads']} torch threads, load average {r['load']:.1f}{cuda}", flush=True)
 
 
 if __name__ == "__main__":

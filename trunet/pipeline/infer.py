@@ -321,7 +321,7 @@ class Predictor:
         total_windows = len(windows) * self._num_spatial_windows(spatial)
         self._bar = tqdm(total=total_windows, desc=description or "case", unit="window", leave=False) if self.progress else None
         try:
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: callers may modify the result in place
                 out: Optional[Tensor] = None
                 weight_sum: Optional[Tensor] = None
                 for tw in windows:
