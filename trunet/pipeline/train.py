@@ -940,9 +940,8 @@ def run_training(
             raise TrunetError(error)
         assert run is not None
         package_logger = logging.getLogger("trunet")
-        threads = torch.get_num_threads()
+        threads, previous_level = torch.get_num_threads(), package_logger.level
         handler = _attach_log_file(run) if ctx.is_main else None
-        previous_level = package_logger.level
         if not ctx.is_main:
             package_logger.setLevel(logging.WARNING)
         try:
