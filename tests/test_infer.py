@@ -431,3 +431,48 @@ def test_cli_predict_writes_the_segmentation(checkpoint, tmp_path):
     assert code == 0
     assert [p.name for p in out.iterdir()] == ["case_seg.nii.gz"]  # no temporary files left behind
     assert nib.load(out / "case_seg.nii.gz").shape == (20, 16, 6, 3)
+
+
+def test_post_processing_keeps_the_component_that_persists_through_the_cycle():
+    """A small true end-systolic cavity outranks a larger blob that appears in a few frames only."""
+    frames, shape = 6, (24, 24, 4)
+    labels = np.zeros((frames, *shape), np.uint8)
+    radius = [6, 5, 3, 3, 5, 6]  # the cavity shrinks to end-systole (frames 2-3) and refills
+    xx, yy = np.meshgrid(np.arange(24), np.arange(24), indexing="ij")
+    for t, r in enumerate(radius):
+        labels[t][(xx - 7) ** 2 + (yy - 7) ** 2 <= r * r] = 3
+    blob = np.zeros(shape, bool)
+    blob[15:22, 15:22, :] = True  # 7x7x4 = 196 voxels, larger than the end-systolic cavity (29x4 = 116)
+    labels[2][blob] = 3
+    labels[3][blob] = 3
+    es_cavity = (labels[2] == 3) & ~blob
+    assert blob.sum() > es_cavity.sum()  # a per-frame largest component would keep the blob
+
+    cleaned = keep_largest_components(labels, classes=[3])
+    for t in (2, 3):
+        np.testing.assert_array_equal(cleaned[t] == 3, es_cavity)
+    np.testing.assert_array_equal(cleaned[[0, 1, 4, 5]], labels[[0, 1, 4, 5]])
+    # one frame alone has no cycle to consult: the largest component wins, as before
+    np.testing.assert_array_equal(keep_largest_components(labels[2]) == 3, blob)
+
+
+def test_cli_predict_nan_input_is_one_line_naming_the_file(checkpoint, tmp_path, capsys):
+    image = write_cine(tmp_path / "in" / "case_4d.nii.gz")
+    data = np.asarray(nib.load(image).dataobj).copy()
+    data[3, 4, 2, 1] = np.nan
+    nib.save(nib.Nifti1Image(data, nib.load(image).affine, nib.load(image).header), image)
+    code = main(["predict", "--checkpoint", str(checkpoint), "--input", str(image), "--output", str(tmp_path / "o"),
+                 "--device", "cpu"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+    assert code == 2 and len(err) == 1, err
+    assert str(image) in err[0] and "NaN" in err[0]
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--tta"], True), (["--no-tta"], False)])
+def test_cli_predict_tta_flags(monkeypatch, tmp_path, flags, expected):
+    import trunet.pipeline.infer as infer
+
+    seen = {}
+    monkeypatch.setattr(infer, "run_prediction", lambda **kwargs: seen.update(kwargs) or [])
+    assert main(["predict", "--checkpoint", "c.pt", "--input", "i", "--output", str(tmp_path), *flags]) == 0
+    assert seen["tta"] is expected  # None: the checkpoint's infer.tta decides
