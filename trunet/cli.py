@@ -62,7 +62,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         overlap=args.overlap,
         sw_batch_size=args.sw_batch_size,
-        tta=True if args.tta else None,  # None: the checkpoint's infer.tta
+        tta=args.tta,  # None: the checkpoint's infer.tta
         postprocess=False if args.no_postprocess else None,  # None: the checkpoint's infer.postprocess
         save_probabilities=args.save_probabilities,
     )
@@ -119,9 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: from the checkpoint)")
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: from the checkpoint)")
-    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (slower, smoother)")
+    tta = p.add_mutually_exclusive_group()
+    tta.add_argument("--tta", dest="tta", action="store_true", default=None,
+                     help="mirroring test-time augmentation (slower, smoother; default: the checkpoint's infer.tta)")
+    tta.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation")
     p.add_argument("--no-postprocess", action="store_true", help="keep all components (default: largest per class)")
-    p.add_argument("--save-probabilities", action="store_true", help="also write <case>_prob.nii.gz (float16)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write <case>_prob_<k>_<class>.nii.gz (float32, one 4D file per class)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice/HD95, volumes, EF, mass and temporal consistency against references")

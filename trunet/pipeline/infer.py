@@ -67,7 +67,6 @@ from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 from monai.data.utils import dense_patch_slices
 from monai.inferers import SlidingWindowInferer
 from torch import Tensor, nn
@@ -76,6 +75,7 @@ from tqdm.auto import tqdm
 from trunet.errors import CheckpointError, ConfigError, DataError, TrunetError
 from trunet.pipeline.checkpoint import build_model, load_checkpoint
 from trunet.pipeline.config import InferConfig
+from trunet.pipeline.data import unwrap_data_errors
 from trunet.pipeline.postprocess import keep_largest_components, probabilities_to_labels
 from trunet.transforms.compose import inference_transforms, invert_prediction
 from trunet.transforms.io import IMAGE_SUFFIXES, is_image_path, read_header, save_cine_like
@@ -531,7 +531,8 @@ def _predict_one(
     save_probabilities: bool,
 ) -> list[Path]:
     header = read_header(case.image)
-    data = transforms({"image": str(case.image), "case_id": case.case_id})
+    with unwrap_data_errors():  # MONAI's Compose wraps a DataError (NaN, truncated file) in a RuntimeError
+        data = transforms({"image": str(case.image), "case_id": case.case_id})
     image = data["image"]
     if image.dim() != 4:
         raise DataError(case.image, f"preprocessed image has shape {tuple(image.shape)}; expected (T, X, Y, Z)")
@@ -540,8 +541,7 @@ def _predict_one(
     # back onto the scan's grid: probabilities are resampled (linear), then the arg-max is taken there
     folded = probs.reshape(frames * num_classes, *probs.shape[2:])
     del probs
-    # a MetaTensor: MONAI's Invertd silently skips a plain tensor when the record has no "<key>_transforms"
-    inverted = invert_prediction(transforms, image, MetaTensor(folded), nearest=False)
+    inverted = invert_prediction(transforms, image, folded, nearest=False)
     inverted = inverted.as_tensor() if hasattr(inverted, "as_tensor") else torch.as_tensor(inverted)
     inverted = inverted.reshape(frames, num_classes, *inverted.shape[1:])
     if tuple(inverted.shape[2:]) != header.spatial_shape or frames != header.n_frames:
