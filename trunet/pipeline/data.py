@@ -83,12 +83,14 @@ def _resolve_path(base: Path, value: Any, where: str) -> str:
     return str(p if p.is_absolute() else base / p)
 
 
-def _record_from_item(item: Any, base: Path, where: str) -> dict:
+def _record_from_item(item: Any, base: Path, where: str, require_image: bool = True) -> dict:
     if isinstance(item, str):
         item = {"image": item}
-    if not isinstance(item, dict) or "image" not in item:
-        raise DataError(where, f"each item needs an 'image' path, got {item!r}"[:300])
-    image = _resolve_path(base, item["image"], where)
+    has_label = isinstance(item, dict) and item.get("label") is not None
+    if not isinstance(item, dict) or ("image" not in item and (require_image or not has_label)):
+        needs = "an 'image' path" if require_image else "an 'image' or a 'label'"
+        raise DataError(where, f"each item needs {needs}, got {item!r}"[:300])
+    image = _resolve_path(base, item["image"], where) if "image" in item else None
     label = item.get("label")
     if isinstance(label, dict):
         mapping = {}
@@ -110,7 +112,7 @@ def _record_from_item(item: Any, base: Path, where: str) -> dict:
     elif isinstance(label, dict):
         frames = sorted(label)
     return {
-        "case_id": str(item.get("case_id") or case_id_from_path(image)),
+        "case_id": str(item.get("case_id") or case_id_from_path(image or _first_label_path(label))),
         "image": image,
         "label": label,
         "frames": frames,
@@ -119,8 +121,15 @@ def _record_from_item(item: Any, base: Path, where: str) -> dict:
     }
 
 
-def read_datalist(path: str | os.PathLike) -> CaseLists:
+def _first_label_path(label: str | dict[int, str]) -> str:
+    return label if isinstance(label, str) else label[min(label)]
+
+
+def read_datalist(path: str | os.PathLike, require_image: bool = True) -> CaseLists:
     """Parse a Decathlon-style datalist JSON into case records (no file checks; see :func:`validate_cases`).
+
+    ``require_image=False`` accepts label-only items (a reference list for evaluation); their ``image`` is
+    None and their case id comes from the label's file name unless ``case_id`` is given.
 
     Raises:
         DataError: unreadable or invalid JSON, a list that is not a list, an item without ``image``, a
@@ -140,7 +149,7 @@ def read_datalist(path: str | os.PathLike) -> CaseLists:
         items = doc.get(name) or []
         if not isinstance(items, list):
             raise DataError(p, f"'{name}' must be a list of items")
-        setattr(lists, name, [_record_from_item(it, p.parent, str(p)) for it in items])
+        setattr(lists, name, [_record_from_item(it, p.parent, str(p), require_image) for it in items])
     if not lists.all():
         raise DataError(p, "empty datalist: no cases in 'training', 'validation' or 'test'")
     return lists

@@ -42,7 +42,6 @@ read from ``(x, y, z, t)`` files.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -61,7 +60,8 @@ from trunet.atomic import atomic_path, write_json
 from trunet.errors import DataError
 from trunet.pipeline import report
 from trunet.pipeline.report import column_name
-from trunet.transforms.io import IMAGE_SUFFIXES, CineMeta, load_cine, load_label
+from trunet.pipeline.data import parse_info_cfg, read_datalist
+from trunet.transforms.io import CineMeta, load_cine, load_label, strip_image_suffix
 
 __all__ = [
     "MYOCARDIAL_DENSITY",
@@ -118,23 +118,10 @@ class ReferenceCase:
     frames: list[int] | None = None
 
 
-def _strip_ext(name: str, exts: Sequence[str] = IMAGE_SUFFIXES) -> str:
-    for ext in exts:
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
-def _case_id_from_image(path: str) -> str:
-    """``patient001_4d.nii.gz`` -> ``patient001``."""
-    stem = _strip_ext(Path(path).name)
-    return stem[:-3] if stem.endswith("_4d") else stem
-
-
 def _label_folder_references(folder: Path) -> dict[str, ReferenceCase]:
     found: dict[str, tuple[int, str]] = {}
     for path in sorted(folder.iterdir()):
-        stem = _strip_ext(path.name)
+        stem = strip_image_suffix(path.name)
         if stem == path.name or not path.is_file():
             continue
         for rank, suffix in enumerate(_REF_SUFFIXES):
@@ -146,29 +133,13 @@ def _label_folder_references(folder: Path) -> dict[str, ReferenceCase]:
     return {cid: ReferenceCase(case_id=cid, label=p) for cid, (_, p) in found.items()}
 
 
-def _read_info_cfg(path: Path) -> dict[str, str]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise DataError(path, f"cannot read: {exc}") from None
-    info = {}
-    for line in text.splitlines():
-        if ":" in line:
-            key, value = line.split(":", 1)
-            info[key.strip()] = value.strip()
-    return info
-
-
 def _acdc_references(root: Path) -> dict[str, ReferenceCase]:
     refs: dict[str, ReferenceCase] = {}
     for info_path in sorted(root.glob("*/Info.cfg")):
         case_dir = info_path.parent
         cid = case_dir.name
-        info = _read_info_cfg(info_path)
-        try:
-            ed, es = int(info["ED"]) - 1, int(info["ES"]) - 1
-        except (KeyError, ValueError):
-            raise DataError(info_path, "needs integer 'ED: n' and 'ES: n' lines (1-based frames)") from None
+        info = parse_info_cfg(info_path)
+        ed, es = info["ED"] - 1, info["ES"] - 1
         dense = case_dir / f"{cid}_4d_gt.nii.gz"
         label: str | dict[int, str]
         if dense.is_file():
@@ -188,54 +159,17 @@ def _acdc_references(root: Path) -> dict[str, ReferenceCase]:
 
 
 def _datalist_references(path: Path) -> dict[str, ReferenceCase]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(path, f"cannot read the datalist JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise DataError(path, "a datalist is a JSON object with lists such as 'training' and 'test'")
-    base = path.parent
-
-    def resolve(p: Any, what: str) -> str:
-        if not isinstance(p, str):
-            raise DataError(path, f"{what} must be a file path, got {p!r}")
-        return str(p if os.path.isabs(p) else base / p)
-
+    """Cases of every list of a datalist (parsed by :func:`read_datalist`) that have a label."""
     refs: dict[str, ReferenceCase] = {}
-    for key, items in data.items():
-        if not isinstance(items, list):
+    for record in read_datalist(path, require_image=False).all():
+        cid = record["case_id"]
+        if record["label"] is None:
+            logger.info("%s: case %s has no label in the datalist", path, cid)
             continue
-        for i, item in enumerate(items):
-            if not isinstance(item, dict):
-                raise DataError(path, f"'{key}'[{i}] is not an object")
-            image = resolve(item["image"], f"'{key}'[{i}].image") if item.get("image") else None
-            label = item.get("label")
-            cid = item.get("case_id")
-            if cid is None:
-                source = image if image is not None else (label if isinstance(label, str) else None)
-                if source is None:
-                    raise DataError(path, f"'{key}'[{i}] has neither case_id nor image")
-                cid = _case_id_from_image(source)
-            if label is None:
-                logger.info("%s: case %s has no label in the datalist", path, cid)
-                continue
-            if isinstance(label, dict):
-                try:
-                    label = {int(f): resolve(p, f"'{key}'[{i}].label[{f}]") for f, p in label.items()}
-                except ValueError:
-                    raise DataError(path, f"'{key}'[{i}].label keys must be frame numbers") from None
-            else:
-                label = resolve(label, f"'{key}'[{i}].label")
-            if cid in refs:
-                logger.warning("%s: case %s listed twice; the first entry is used", path, cid)
-                continue
-            frames = item.get("frames")
-            refs[cid] = ReferenceCase(
-                cid, label, image,
-                None if item.get("ed") is None else int(item["ed"]),
-                None if item.get("es") is None else int(item["es"]),
-                None if frames is None else [int(f) for f in frames],
-            )
+        if cid in refs:
+            logger.warning("%s: case %s listed twice; the first entry is used", path, cid)
+            continue
+        refs[cid] = ReferenceCase(cid, record["label"], record["image"], record["ed"], record["es"], record["frames"])
     return refs
 
 

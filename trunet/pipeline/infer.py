@@ -54,13 +54,12 @@ inside each window, as nnU-Net does; the slice axis is not mirrored (apex and ba
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -75,10 +74,11 @@ from tqdm.auto import tqdm
 from trunet.errors import CheckpointError, ConfigError, DataError, TrunetError
 from trunet.pipeline.checkpoint import build_model, load_checkpoint
 from trunet.pipeline.config import InferConfig
-from trunet.pipeline.data import unwrap_data_errors
+from trunet.pipeline.data import read_datalist, unwrap_data_errors
 from trunet.pipeline.postprocess import keep_largest_components, probabilities_to_labels
 from trunet.transforms.compose import inference_transforms, invert_prediction
-from trunet.transforms.io import IMAGE_SUFFIXES, is_image_path, read_header, save_cine_like
+from trunet.transforms.cardiac import case_id_from_path
+from trunet.transforms.io import is_image_path, read_header, save_cine_like, strip_image_suffix
 
 __all__ = [
     "Predictor",
@@ -364,39 +364,11 @@ class InputCase:
     image: Path
 
 
-def _strip_suffix(name: str) -> str:
-    lower = name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _case_id(path: Path) -> str:
-    """``patient001_4d.nii.gz`` -> ``patient001`` (the ACDC cine suffix ``_4d`` is dropped, as evaluation does)."""
-    stem = _strip_suffix(path.name)
-    return stem[:-3] if stem.lower().endswith("_4d") and len(stem) > 3 else stem
-
-
 def _datalist_cases(path: Path) -> list[InputCase]:
-    try:
-        datalist = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(path, f"not a readable datalist JSON ({exc})") from None
-    if not isinstance(datalist, dict):
-        raise DataError(path, "a datalist is a JSON object with 'training'/'validation'/'test' lists")
-    lists = [k for k in ("test", "training", "validation") if isinstance(datalist.get(k), list)]
-    keys = ["test"] if datalist.get("test") else lists
-    cases = []
-    for key in keys:
-        for i, item in enumerate(datalist.get(key) or []):
-            image = item.get("image") if isinstance(item, dict) else item
-            if not isinstance(image, str):
-                raise DataError(path, f"'{key}'[{i}] has no image path")
-            image_path = Path(image) if Path(image).is_absolute() else path.parent / image
-            case_id = item.get("case_id") if isinstance(item, dict) else None
-            cases.append(InputCase(str(case_id or _case_id(image_path)), image_path))
-    return cases
+    """The datalist's ``test`` list, or every list when it has none (parsed by :func:`read_datalist`)."""
+    lists = read_datalist(path)
+    records = lists.test or lists.all()
+    return [InputCase(str(record["case_id"]), Path(record["image"])) for record in records]
 
 
 def _folder_cases(folder: Path, output_dir: Path, allow_3d: bool) -> list[InputCase]:
@@ -405,12 +377,12 @@ def _folder_cases(folder: Path, output_dir: Path, allow_3d: bool) -> list[InputC
     for path in sorted(folder.rglob("*"), key=lambda p: str(p)):
         if not path.is_file() or not is_image_path(path) or path.name.startswith("."):
             continue
-        if _SKIP_NAME.search(_strip_suffix(path.name)) or out in path.resolve().parents:
+        if _SKIP_NAME.search(strip_image_suffix(path.name)) or out in path.resolve().parents:
             continue
         if not allow_3d and read_header(path).ndim == 3:
             skipped_3d += 1
             continue
-        cases.append(InputCase(_case_id(path), path))
+        cases.append(InputCase(case_id_from_path(path), path))
     if not cases:
         detail = f" ({skipped_3d} 3D files skipped: a cine is (x, y, z, t))" if skipped_3d else ""
         raise DataError(
@@ -450,7 +422,7 @@ def find_inputs(inputs: Union[str, os.PathLike], output_dir: Union[str, os.PathL
         if not cases:
             raise DataError(path, "the datalist lists no images")
     else:
-        cases = [InputCase(_case_id(path), path)]
+        cases = [InputCase(case_id_from_path(path), path)]
     seen: dict[str, Path] = {}
     for case in cases:
         if case.case_id in seen:

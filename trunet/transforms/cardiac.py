@@ -29,7 +29,7 @@ from monai.data import MetaTensor
 from monai.transforms import Affine, MapTransform, Randomizable, SpatialCrop, SpatialPad
 from monai.transforms.utils import generate_pos_neg_label_crop_centers
 
-from trunet.transforms.io import load_cine, load_label
+from trunet.transforms.io import load_cine, load_label, strip_image_suffix
 
 __all__ = [
     "LoadCined",
@@ -44,12 +44,11 @@ logger = logging.getLogger(__name__)
 
 
 def case_id_from_path(path: str | Path) -> str:
-    """File or folder name without image suffixes (``patient001_4d.nii.gz`` -> ``patient001_4d``)."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    """The case id of an image file or per-frame folder: its name without image suffix and without ACDC's
+    ``_4d`` cine suffix (``patient001_4d.nii.gz`` -> ``patient001``). Training, prediction file names and
+    evaluation all use this rule, so a prediction finds its reference by id."""
+    stem = strip_image_suffix(Path(path).name)
+    return stem[:-3] if stem.lower().endswith("_4d") and len(stem) > 3 else stem
 
 
 class LoadCined(MapTransform):

@@ -88,6 +88,15 @@ def is_image_path(path: PathLike) -> bool:
     return name.endswith(IMAGE_SUFFIXES)
 
 
+def strip_image_suffix(name: str) -> str:
+    """``patient001_4d.nii.gz`` -> ``patient001_4d``: the name without a suffix trunet reads (any case)."""
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def _natural_key(name: str) -> list:
     return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
 
