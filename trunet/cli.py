@@ -9,7 +9,8 @@ Commands (DESIGN.md section 6)::
     trunet plan     --config C [--vram-gb 40] [--headroom 0.1] [--out FRAGMENT.yaml]
 
 A user error (:class:`trunet.errors.TrunetError`) ends with one line on stderr and exit code 2;
-``--debug`` shows the traceback. The commands import their modules lazily so ``--help`` is instant.
+``--debug`` shows the traceback. ``train`` stopped by SIGTERM/SIGINT saves ``latest.pt`` and exits with
+128 + signal (143, 130). The commands import their modules lazily so ``--help`` is instant.
 """
 
 from __future__ import annotations
