@@ -72,20 +72,16 @@ def write_checkpoint(folder: Path, config_path: Path, spacing: tuple[float, floa
     """A checkpoint of the config's architecture with random weights."""
     import torch
 
-    from trunet.pipeline.checkpoint import build_model, model_from_hparams, model_hparams, save_checkpoint
+    from trunet.pipeline.checkpoint import (
+        build_model, inference_payload, model_from_hparams, model_hparams, save_checkpoint,
+    )
     from trunet.pipeline.config import load_config
     from trunet.transforms.compose import preprocessing_from_config
 
     config = load_config(config_path)
-    hparams = model_hparams(config)
     torch.manual_seed(0)
-    payload = {
-        "model_state": model_from_hparams(hparams).state_dict(),
-        "model_hparams": hparams,
-        "classes": list(config.data.classes),
-        "config": config.to_dict(),
-        "preprocessing": preprocessing_from_config(config, spacing),
-    }
+    model = model_from_hparams(model_hparams(config))
+    payload = inference_payload(model, config, preprocessing_from_config(config, spacing))
     path = save_checkpoint(folder / "bench.pt", payload)
     build_model(payload)  # fails here, not in the timed run, if the payload is unusable
     return path

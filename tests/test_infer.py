@@ -16,7 +16,7 @@ from nibabel.testing import data_path as nibabel_data_path
 from trunet.cli import main
 from trunet.errors import CheckpointError, DataError
 from trunet.models import TimeResolvedUNet
-from trunet.pipeline.checkpoint import model_from_hparams, model_hparams, save_checkpoint
+from trunet.pipeline.checkpoint import inference_payload, model_from_hparams, model_hparams, save_checkpoint
 from trunet.pipeline.config import InferConfig, config_from_dict
 from trunet.pipeline.infer import Predictor, find_inputs, run_prediction, time_windows
 from trunet.pipeline.postprocess import keep_largest_components, probabilities_to_labels
@@ -224,15 +224,9 @@ def write_checkpoint(path: Path, target_spacing=(6.0, 6.0, 6.6), **payload_chang
     config = config_from_dict(
         {"model": {"channels": [4, 8], "strides": [[2, 2, 1]]}, "train": {"patch_size": [32, 32, 4], "time_window": 2}}
     )
-    hparams = model_hparams(config)
     torch.manual_seed(0)
-    payload = {
-        "model_state": model_from_hparams(hparams).state_dict(),
-        "model_hparams": hparams,
-        "classes": list(config.data.classes),
-        "config": config.to_dict(),
-        "preprocessing": preprocessing_from_config(config, target_spacing),
-    }
+    model = model_from_hparams(model_hparams(config))
+    payload = inference_payload(model, config, preprocessing_from_config(config, target_spacing))
     payload.update(payload_changes)
     return save_checkpoint(path, payload)
 

@@ -46,6 +46,7 @@ __all__ = [
     "load_checkpoint",
     "model_hparams",
     "model_from_hparams",
+    "inference_payload",
     "build_model",
     "capture_rng_state",
     "restore_rng_state",
@@ -154,6 +155,20 @@ def model_from_hparams(hparams: dict[str, Any]) -> torch.nn.Module:
     return TimeResolvedUNet(
         in_channels=in_channels, out_channels=out_channels, **dataclasses.asdict(model_config)
     )
+
+
+def inference_payload(model: torch.nn.Module, config: Any, preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """The part of a checkpoint that ``predict`` needs: weights, model hyper-parameters, the resolved config,
+    class names and preprocessing (target spacing, normalisation, patch, time window). The trainer adds its
+    optimizer, scheduler, RNG and progress to this; a model made elsewhere needs nothing more to be served."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_state": model.state_dict(),
+        "model_hparams": model_hparams(config),
+        "config": config.to_dict(),
+        "classes": list(config.data.classes),
+        "preprocessing": preprocessing,
+    }
 
 
 def build_model(checkpoint_payload: dict[str, Any]) -> torch.nn.Module:

@@ -473,12 +473,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def payload(self) -> dict[str, Any]:
         return {
-            "format_version": ckpt.FORMAT_VERSION,
-            "model_state": self.model.state_dict(),
-            "model_hparams": ckpt.model_hparams(self.config),
-            "config": self.config.to_dict(),
-            "classes": self.classes,
-            "preprocessing": self.preprocessing,
+            **ckpt.inference_payload(self.model, self.config, self.preprocessing),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "scheduler": self.scheduler.state_dict(),
