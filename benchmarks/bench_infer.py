@@ -34,18 +34,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def write_case(folder: Path, frames: int, size: tuple[int, int, int], spacing: tuple[float, float, float]) -> Path:
@@ -151,7 +142,7 @@ def main() -> None:
 
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"date:    {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(f"machine: {platform.node()}, {_cpu_model()}, {os.cpu_count()} logical CPUs, "
+    print(f"machine: {platform.node()}, {cpu_name()}, {os.cpu_count()} logical CPUs, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
           f"python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}")
     print(f"case:    {args.frames} frames x {tuple(args.size)} voxels at {tuple(args.spacing)} mm; "

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_name
 
 from trunet.data.phantom import write_phantom_dataset
 from trunet.pipeline.config import load_config
@@ -36,14 +37,7 @@ from trunet.pipeline.data import build_train_loader, read_datalist
 
 
 def _machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return (f"{platform.node()}: {cpu}, {os.cpu_count()} logical CPUs{gpu}; "
             f"Python {platform.python_version()}, torch {torch.__version__}")

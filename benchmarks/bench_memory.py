@@ -31,7 +31,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -42,6 +41,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from machine import cpu_name
 
 from trunet.pipeline import plan as planning
 from trunet.pipeline.config import Config, config_from_dict
@@ -151,12 +151,7 @@ def _measure(
 
 
 def _header(args: argparse.Namespace) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return (f"command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`  \n"
             f"machine: {cpu}, {os.cpu_count()} cores, {args.threads} thread(s); torch {torch.__version__}; "
             f"no GPU  \n"

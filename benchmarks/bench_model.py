@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -32,6 +31,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_name
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -168,12 +168,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
