@@ -19,7 +19,7 @@ class _TinyNet(nn.Module):
     """Stands in for TimeResolvedUNet: same constructor keywords, one 1x1x1 conv per frame."""
 
     def __init__(self, in_channels=1, out_channels=4, channels=(4, 8), strides=((2, 2, 1),),
-                 kernel_sizes=None, clstm_levels="all", bidirectional=False, peephole=False,
+                 kernel_sizes=None, clstm_levels="all", clstm_reduction=1, bidirectional=False, peephole=False,
                  deep_supervision=False, checkpointing=False):
         super().__init__()
         self.received = dict(channels=channels, strides=strides)

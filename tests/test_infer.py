@@ -87,7 +87,7 @@ def test_time_windows_whole_series():
 def test_sliding_window_equals_whole_volume_when_one_window_covers_the_image():
     model = tiny_model()
     image = torch.randn(1, 5, 8, 8, 2)  # exactly the patch: one window, Gaussian weights cancel
-    predictor = Predictor(model, preprocessing(), InferConfig(overlap=0.5))
+    predictor = Predictor(model, preprocessing(), InferConfig(overlap=0.5, cyclic=False))
     probs = predictor.predict_case(image)
     assert probs.shape == (1, 5, 4, 8, 8, 2) and probs.dtype == torch.float32
     torch.testing.assert_close(probs, reference(model, image), rtol=0, atol=1e-6)
@@ -111,11 +111,11 @@ def test_sliding_window_on_a_larger_image_is_a_blend_of_patch_predictions():
 def test_time_windows_agree_with_a_single_pass_where_the_series_fits():
     model = tiny_model()
     image = torch.randn(1, 4, 8, 8, 2)
-    single = Predictor(model, preprocessing(), InferConfig(), time_window=None).predict_case(image)
+    single = Predictor(model, preprocessing(), InferConfig(cyclic=False), time_window=None).predict_case(image)
     for window in (4, 6):  # the series fits in one window
-        windowed = Predictor(model, preprocessing(), InferConfig(), time_window=window).predict_case(image)
+        windowed = Predictor(model, preprocessing(), InferConfig(cyclic=False), time_window=window).predict_case(image)
         torch.testing.assert_close(windowed, single, rtol=0, atol=0)
-    auto = Predictor(model, preprocessing(), InferConfig()).predict_case(image)  # "auto": one pass
+    auto = Predictor(model, preprocessing(), InferConfig(cyclic=False)).predict_case(image)  # "auto": one pass
     torch.testing.assert_close(auto, single, rtol=0, atol=0)
 
 
@@ -130,11 +130,39 @@ def test_time_windows_blend_exactly_for_a_frame_independent_model():
         torch.testing.assert_close(predictor.predict_case(image), single, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_cyclic_inference_equals_a_pass_over_the_wrapped_series(bidirectional):
+    """A cine is one heartbeat: frame 0's past is the end of the cycle (and, bidirectional, the last frame's
+    future is its start). The wrapped frames are context only; the frames returned are the series'."""
+    model = tiny_model(bidirectional=bidirectional)
+    image = torch.randn(1, 6, 8, 8, 2)
+    predictor = Predictor(model, preprocessing(time_window=3), InferConfig(cyclic=True))
+    assert predictor.cyclic_padding(6) == (3, 3 if bidirectional else 0)
+    assert predictor.cyclic_padding(2) == (1, 1 if bidirectional else 0)  # never more than T - 1 frames
+    before, after = predictor.cyclic_padding(6)
+    wrapped = torch.cat([image[:, 6 - before :], image, image[:, :after]], dim=1)
+    expected = reference(model, wrapped)[:, before : before + 6]
+    probs = predictor.predict_case(image)
+    assert probs.shape == (1, 6, 4, 8, 8, 2)
+    torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
+    # and it is not the one-pass result: frame 0 now has a past
+    plain = Predictor(model, preprocessing(time_window=3), InferConfig(cyclic=False)).predict_case(image)
+    assert not torch.allclose(probs[:, 0], plain[:, 0], atol=1e-4)
+
+
+def test_cyclic_inference_leaves_a_frame_by_frame_model_unchanged():
+    model = tiny_model(clstm_levels=[])
+    image = torch.randn(1, 5, 8, 8, 2)
+    cyclic = Predictor(model, preprocessing(), InferConfig(cyclic=True)).predict_case(image)
+    torch.testing.assert_close(cyclic, reference(model, image), rtol=0, atol=1e-6)
+
+
 def test_a_long_series_through_time_windows_is_sensible():
     model = tiny_model()
     image = torch.randn(1, 10, 8, 8, 2)
     single = reference(model, image)
-    windowed = Predictor(model, preprocessing(), InferConfig(time_overlap=2), time_window=4).predict_case(image)
+    windowed = Predictor(model, preprocessing(), InferConfig(time_overlap=2, cyclic=False),
+                         time_window=4).predict_case(image)
     assert windowed.shape == single.shape
     assert torch.isfinite(windowed).all()
     torch.testing.assert_close(windowed.sum(2), torch.ones(1, 10, 8, 8, 2))
@@ -151,7 +179,7 @@ def test_a_long_series_through_time_windows_is_sensible():
 def test_tta_is_the_average_of_the_mirrored_passes_and_flip_equivariant():
     model = tiny_model()
     image = torch.randn(1, 3, 8, 8, 2)
-    tta = Predictor(model, preprocessing(), InferConfig(tta=True)).predict_case(image)
+    tta = Predictor(model, preprocessing(), InferConfig(tta=True, cyclic=False)).predict_case(image)
     expected = torch.zeros_like(tta)
     for dims in [(), (2,), (3,), (2, 3)]:  # x, y of (1, T, X, Y, Z)
         flipped = image.flip(dims) if dims else image
@@ -160,7 +188,7 @@ def test_tta_is_the_average_of_the_mirrored_passes_and_flip_equivariant():
     torch.testing.assert_close(tta, expected / 4, rtol=0, atol=1e-6)
     # TTA over the mirror group makes the prediction mirror-equivariant; a single pass is not
     for dims in [(2,), (3,)]:
-        mirrored = Predictor(model, preprocessing(), InferConfig(tta=True)).predict_case(image.flip(dims))
+        mirrored = Predictor(model, preprocessing(), InferConfig(tta=True, cyclic=False)).predict_case(image.flip(dims))
         torch.testing.assert_close(mirrored, tta.flip([d + 1 for d in dims]), rtol=0, atol=1e-6)
     plain = Predictor(model, preprocessing(), InferConfig(tta=False))
     assert not torch.allclose(plain.predict_case(image.flip((2,))), plain.predict_case(image).flip((3,)), atol=1e-4)

@@ -124,22 +124,36 @@ class TemporalCLSTM(nn.Module):
     """A one-layer 3D ConvLSTM over the frames of a level's features, added residually.
 
     ``forward(features (B*T, C, X, Y, Z), batch=B) -> features + H`` where ``H`` ``(B*T, C, X, Y, Z)`` is the
-    ConvLSTM output (``hidden_dim = C``). Residual rather than replacing the features: at initialisation the
-    network is a working per-frame UNet plus a small temporal correction, the encoder keeps an identity
-    gradient path past the recurrence (no vanishing through ``T`` sigmoid gates), and the unbounded
-    InstanceNorm/LeakyReLU features are not squashed into ``tanh``'s (-1, 1) on their way to the decoder.
+    ConvLSTM output. Residual rather than replacing the features: at initialisation the network is a
+    working per-frame UNet plus a small temporal correction, the encoder keeps an identity gradient path
+    past the recurrence (no vanishing through ``T`` sigmoid gates), and the unbounded InstanceNorm/LeakyReLU
+    features are not squashed into ``tanh``'s (-1, 1) on their way to the decoder.
+
+    With ``reduction`` ``r > 1`` the recurrence runs on a narrow state: a 1x1 convolution reduces the
+    ``C`` features to ``max(1, C // r)`` channels, the ConvLSTM runs on those, and a 1x1 convolution brings
+    its output back to ``C``. A ConvLSTM gate convolution maps ``input + hidden`` to ``4 x hidden``
+    channels, so its cost falls about as ``1 / r**2``: what makes bidirectional ConvLSTMs at every level
+    affordable (what a spoilt frame needs from its neighbours is where the anatomy is, a few channels).
 
     Args:
-        channels: feature channels of the level (input and hidden).
+        channels: feature channels of the level.
         kernel_size: the level's kernel.
         bidirectional / peephole: see :class:`~trunet.models.clstm.ConvLSTM`.
+        reduction: channel reduction ``r`` of the recurrent state (1 = ConvLSTM on all ``C`` channels,
+            no projections).
     """
 
-    def __init__(self, channels: int, kernel_size: Triple, bidirectional: bool = False, peephole: bool = False):
+    def __init__(self, channels: int, kernel_size: Triple, bidirectional: bool = False, peephole: bool = False,
+                 reduction: int = 1):
         super().__init__()
+        if not isinstance(reduction, int) or reduction < 1:
+            raise ValueError(f"reduction must be a positive int, got {reduction!r}")
+        hidden = channels if reduction == 1 else max(1, channels // reduction)
+        self.reduce = nn.Conv3d(channels, hidden, 1) if reduction > 1 else None
+        self.expand = nn.Conv3d(hidden, channels, 1) if reduction > 1 else None
         self.clstm = ConvLSTM(
-            channels,
-            channels,
+            hidden,
+            hidden,
             kernel_size,
             1,
             batch_first=True,
@@ -157,6 +171,8 @@ class TemporalCLSTM(nn.Module):
         self.clstm.checkpointing = value
 
     def forward(self, features: Tensor, batch: int) -> Tensor:
-        seq = features.view(batch, features.shape[0] // batch, *features.shape[1:])
+        x = features if self.reduce is None else self.reduce(features)
+        seq = x.view(batch, x.shape[0] // batch, *x.shape[1:])
         (out,), _ = self.clstm(seq)
-        return features + out.reshape(features.shape)
+        out = out.reshape(x.shape)
+        return features + (out if self.expand is None else self.expand(out))

@@ -1,5 +1,6 @@
 """The time-resolved UNet3D: a per-frame nnU-Net-style 3D UNet whose bottleneck and chosen skip levels
-run through 3D ConvLSTMs, so every frame of a cine sees the frames before it."""
+run through 3D ConvLSTMs, so every frame of a cine sees the frames before it (and after it, when
+bidirectional)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ class TimeResolvedUNet(nn.Module):
             kernel at that level.
         clstm_levels: ``"all"``, ``"bottleneck"`` or a sequence of level indices (0 = full resolution;
             empty = no recurrence, a per-frame 3D UNet).
+        clstm_reduction: the ConvLSTMs run on ``C // clstm_reduction`` channels behind 1x1 projections
+            (see :class:`~trunet.models.blocks.TemporalCLSTM`); 1 = on all ``C`` channels.
         bidirectional: ConvLSTMs also run backwards in time (not causal).
         peephole: peephole terms in the ConvLSTM cells.
         deep_supervision: in training mode return logits of every decoder level.
@@ -72,6 +75,7 @@ class TimeResolvedUNet(nn.Module):
         strides: Sequence[TripleArg] = ((2, 2, 1), (2, 2, 1), (2, 2, 2), (2, 2, 1)),
         kernel_sizes: Sequence[TripleArg] | None = None,
         clstm_levels: Union[str, Sequence[int]] = "all",
+        clstm_reduction: int = 1,
         bidirectional: bool = False,
         peephole: bool = False,
         deep_supervision: bool = False,
@@ -116,7 +120,8 @@ class TimeResolvedUNet(nn.Module):
         self.encoder = Encoder(in_channels, channels, strides_t, kernels_t)
         self.temporal = nn.ModuleDict(
             {
-                str(l): TemporalCLSTM(channels[l], kernels_t[l], bidirectional=bidirectional, peephole=peephole)
+                str(l): TemporalCLSTM(channels[l], kernels_t[l], bidirectional=bidirectional, peephole=peephole,
+                                      reduction=clstm_reduction)
                 for l in temporal_levels
             }
         )

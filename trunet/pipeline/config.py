@@ -45,6 +45,8 @@ __all__ = [
 
 Triple = tuple[int, int, int]
 TripleF = tuple[float, float, float]
+CorruptionKind = Literal["dropout", "noise", "blur", "ghost", "misaligned", "missing"]
+"""The kinds of :data:`trunet.data.artefacts.CORRUPTIONS` (a test keeps the two equal)."""
 
 
 @dataclass
@@ -87,6 +89,7 @@ class ModelConfig:
     )
     kernel_sizes: Optional[list[Triple]] = None
     clstm_levels: Union[Literal["all", "bottleneck"], list[int]] = "all"
+    clstm_reduction: int = 1
     bidirectional: bool = False
     peephole: bool = False
     deep_supervision: bool = False
@@ -110,6 +113,13 @@ class AugmentConfig:
     noise_prob: float = 0.15
     blur_prob: float = 0.1
     low_res_prob: float = 0.1
+    # frame corruption (trunet.data.artefacts): each frame of a sample is spoilt with this probability
+    # while its label stays, so a temporal model learns to borrow from its neighbours; 0 = off
+    corrupt_prob: float = 0.0
+    corrupt_kinds: list[CorruptionKind] = field(
+        default_factory=lambda: ["dropout", "noise", "blur", "ghost", "misaligned", "missing"]
+    )
+    corrupt_strength: tuple[float, float] = (0.3, 1.0)
 
 
 @dataclass
@@ -164,6 +174,7 @@ class InferConfig:
     time_overlap: int = 2  # frames shared by consecutive time windows of a long series
     tta: bool = False
     postprocess: bool = True
+    cyclic: bool = True  # a cine is one heartbeat: wrap frames around its ends so the first and last see neighbours
     cpu_stitch_voxels: int = 64_000_000  # stitch on the CPU above this many output voxels
 
 
@@ -304,6 +315,16 @@ def _check_values(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: 'model.kernel_sizes' needs one entry per stage ({len(m.channels)})")
     if isinstance(m.clstm_levels, list) and any(not 0 <= i < len(m.channels) for i in m.clstm_levels):
         raise ConfigError(f"{source}: 'model.clstm_levels' must be level indices in 0..{len(m.channels) - 1}")
+    if m.clstm_reduction < 1:
+        raise ConfigError(f"{source}: 'model.clstm_reduction' must be at least 1, got {m.clstm_reduction}")
+    a = t.augment
+    if not 0.0 <= a.corrupt_prob <= 1.0:
+        raise ConfigError(f"{source}: 'train.augment.corrupt_prob' must be in [0, 1], got {a.corrupt_prob}")
+    if not a.corrupt_kinds:
+        raise ConfigError(f"{source}: 'train.augment.corrupt_kinds' must name at least one kind")
+    if not 0.0 <= a.corrupt_strength[0] <= a.corrupt_strength[1] <= 1.0:
+        raise ConfigError(f"{source}: 'train.augment.corrupt_strength' must be (lo, hi) with "
+                          f"0 <= lo <= hi <= 1, got {list(a.corrupt_strength)}")
     if len(d.classes) < 2:
         raise ConfigError(f"{source}: 'data.classes' needs background and at least one structure")
     positive = {

@@ -47,6 +47,12 @@ least the training window), consecutive windows sharing ``c = infer.time_overlap
 A series that fits in one window (``T <= W``) goes through in a single pass, exactly as with
 ``time_window=None``.
 
+*The cycle* (``infer.cyclic``, on by default): a cine is one heartbeat, so the frame after the last is the
+first. Before the passes above, the series is wrapped: the last ``k`` frames are put in front of frame 0
+(``k`` = the training window, at most ``T - 1``), and for a bidirectional model the first ``k`` frames after
+the last, and only the original ``T`` frames are returned. End-diastole (frame 0 in ACDC) then has a past,
+and the last frames a future, as every other frame has. Turn it off for a series that is not one cycle.
+
 Mirroring TTA (``infer.tta``) averages the probabilities of the four in-plane mirrorings (none, x, y, xy)
 inside each window, as nnU-Net does; the slice axis is not mirrored (apex and base differ).
 """
@@ -300,11 +306,27 @@ class Predictor:
                 None,
                 f"predict_case expects one preprocessed cine (1, T, X, Y, Z) or (1, T, C, X, Y, Z), got shape {tuple(image.shape)}",
             )
-        frames, channels, spatial = x.shape[1], x.shape[2], tuple(x.shape[3:])
+        frames, channels = x.shape[1], x.shape[2]
         if channels != self.in_channels:
             raise DataError(
                 None, f"the model expects {self.in_channels} image channel(s) per frame, the input has {channels}"
             )
+        before, after = self.cyclic_padding(frames)
+        if before or after:
+            x = torch.cat([x[:, frames - before :], x, x[:, :after]], dim=1)
+        out = self._predict_series(x, description)
+        return out[:, before : before + frames] if before or after else out
+
+    def cyclic_padding(self, num_frames: int) -> tuple[int, int]:
+        """Frames wrapped in front of and after a series of ``num_frames`` frames (see the module docstring)."""
+        if not self.config.cyclic or num_frames < 2:
+            return 0, 0
+        k = min(self.train_window, num_frames - 1)
+        return k, (0 if self.causal else k)
+
+    def _predict_series(self, x: Tensor, description: Optional[str]) -> Tensor:
+        """Probabilities ``(1, T, K, X, Y, Z)`` of a checked input ``(1, T, C, X, Y, Z)``, as the series is."""
+        frames, channels, spatial = x.shape[1], x.shape[2], tuple(x.shape[3:])
         stitch = self.stitch_device(frames, spatial)
         x = x.to(device=stitch if stitch.type == "cpu" else self.device, dtype=torch.float32)
         windows = time_windows(frames, self.frames_per_pass(frames), self.config.time_overlap, self.causal)

@@ -13,6 +13,9 @@ A spatial transform applied to such a tensor uses one geometry for all frames.
 - :class:`RandForegroundPatchd`: foreground-oversampled patch with in-plane rotation and scaling done in
   one resampling of the patch grid (nnU-Net's approach), identical for all frames.
 - :class:`MaskUnlabelledFramesd`: restore ``ignore_index`` on unlabelled frames after padding/resampling.
+- :class:`RandCorruptFramesd`: spoil random frames of the image (signal dropout, noise burst, motion blur,
+  ghosting, misaligned slices, a missing frame) while the labels stay, so a temporal model learns to take
+  a spoilt frame's anatomy from its neighbours.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from monai.data import MetaTensor
 from monai.transforms import Affine, MapTransform, Randomizable, SpatialCrop, SpatialPad
 from monai.transforms.utils import generate_pos_neg_label_crop_centers
 
+from trunet.data.artefacts import CORRUPTIONS, corrupt_frame
 from trunet.transforms.io import load_cine, load_label, strip_image_suffix
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "RandTemporalWindowd",
     "RandForegroundPatchd",
     "MaskUnlabelledFramesd",
+    "RandCorruptFramesd",
     "case_id_from_path",
 ]
 
@@ -284,4 +289,79 @@ class MaskUnlabelledFramesd(MapTransform):
             label = label.clone()
             label[~mask.to(label.device)] = self.ignore_index
         d[self.label_key] = label
+        return d
+
+
+class RandCorruptFramesd(Randomizable, MapTransform):
+    """Corrupt random frames of a time-first image; labels and ``frame_mask`` are left as they are.
+
+    Each frame is corrupted with probability ``prob`` (at most ``T - 1`` frames of a sample, so one clean
+    frame always remains to borrow from), by a kind drawn uniformly from ``kinds`` at a strength drawn
+    uniformly from ``strength_range`` (see :mod:`trunet.data.artefacts`). Trained this way, a model whose
+    frames see each other (ConvLSTMs) learns to use its neighbours exactly when a frame cannot be read on
+    its own; a frame-by-frame model can only learn to guess.
+
+    Args:
+        keys: the image key(s), ``(T, X, Y, Z)`` float tensors (the label must *not* be listed).
+        prob: per-frame probability.
+        kinds: subset of :data:`trunet.data.artefacts.CORRUPTIONS`.
+        strength_range: ``(lo, hi)`` within ``[0, 1]``.
+        spacing: voxel size in mm of the tensors (the training target spacing).
+
+    After a call, :attr:`frames` holds the corrupted frame indices (for tests and logging).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob: float,
+        kinds: Sequence[str] = CORRUPTIONS,
+        strength_range: Sequence[float] = (0.3, 1.0),
+        spacing: Sequence[float] = (1.0, 1.0, 1.0),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        unknown = [k for k in kinds if k not in CORRUPTIONS]
+        if unknown or not kinds:
+            raise ValueError(f"corruption kinds must be a non-empty subset of {list(CORRUPTIONS)}, got {list(kinds)}")
+        lo, hi = (float(v) for v in strength_range)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"strength_range must satisfy 0 <= lo <= hi <= 1, got {tuple(strength_range)}")
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob}")
+        self.prob, self.kinds, self.strength_range = float(prob), tuple(kinds), (lo, hi)
+        self.spacing = tuple(float(s) for s in spacing)
+        self.frames: list[int] = []
+        self._rng: np.random.Generator = np.random.default_rng(0)
+
+    def randomize(self, data: Any = None) -> None:
+        frames = int(data)
+        chosen = np.flatnonzero(self.R.rand(frames) < self.prob)
+        if frames > 1 and len(chosen) >= frames:
+            chosen = np.delete(chosen, self.R.randint(len(chosen)))
+        self.frames = [int(t) for t in chosen]
+        self._rng = np.random.default_rng(self.R.randint(2**31 - 1))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        first = d[self.first_key(d)]
+        self.randomize(first.shape[0])
+        if not self.frames:
+            return d
+        for key in self.key_iterator(d):
+            img = d[key]
+            values = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+            out = values.astype(np.float32, copy=True)
+            n = values.shape[0]
+            for t in self.frames:
+                kind = self.kinds[self._rng.integers(len(self.kinds))]
+                strength = float(self._rng.uniform(*self.strength_range))
+                other = values[(t + int(self._rng.choice([-1, 1])) * int(self._rng.integers(1, 3))) % n]
+                out[t] = corrupt_frame(values[t], kind, strength, self.spacing, self._rng, neighbour=other)
+            if isinstance(img, torch.Tensor):
+                new = img.clone()
+                new.copy_(torch.from_numpy(out).to(img.dtype))
+                d[key] = new
+            else:
+                d[key] = out.astype(values.dtype, copy=False)
         return d

@@ -8,8 +8,9 @@ Deterministic part (shared, cached by the datasets, invertible for inference):
 
 Training adds: padding to the patch size -> union foreground mask and its indices (cached) -> cyclic
 temporal window -> foreground-oversampled patch with in-plane rotation/scaling -> mirroring -> optional
-elastic deformation -> unlabelled frames reset to ``ignore_index`` -> intensity augmentation (noise, blur,
-contrast, simulated low resolution, gamma) -> plain tensors.
+elastic deformation -> unlabelled frames reset to ``ignore_index`` -> optional frame corruption (random
+frames spoilt, labels kept) -> intensity augmentation (noise, blur, contrast, simulated low resolution,
+gamma) -> plain tensors.
 
 Orientation: canonicalising an oblique short-axis stack to RAS can permute the voxel axes, so the coarse
 slice axis would no longer be Z (the model pools Z late). trunet therefore keeps the NIfTI voxel order by
@@ -48,6 +49,7 @@ from trunet.transforms.cardiac import (
     ForegroundUniond,
     LoadCined,
     MaskUnlabelledFramesd,
+    RandCorruptFramesd,
     RandForegroundPatchd,
     RandTemporalWindowd,
 )
@@ -168,6 +170,10 @@ def train_transforms(config: Config, target_spacing: Sequence[float]) -> Compose
             mode=("bilinear", "nearest"), padding_mode="zeros",
         ))
     chain.append(MaskUnlabelledFramesd(LABEL, FRAME_MASK, ignore_index=ignore))
+    if aug.corrupt_prob > 0:
+        # before the intensity augmentation: a spoilt frame is then jittered like any other
+        chain.append(RandCorruptFramesd(IMAGE, prob=aug.corrupt_prob, kinds=aug.corrupt_kinds,
+                                        strength_range=aug.corrupt_strength, spacing=pre["target_spacing"]))
     if aug.noise_prob > 0 and aug.noise_std > 0:
         chain.append(RandGaussianNoised(IMAGE, prob=aug.noise_prob, mean=0.0, std=aug.noise_std))
     if aug.blur_prob > 0:
