@@ -1,0 +1,275 @@
+"""Temporal-benefit benchmark: does seeing the neighbouring frames pay where a frame is spoilt?
+
+What a time-resolved model is for: a cine frame degraded on its own (signal dropout, a noise burst,
+motion blur or ghosting, a mistriggered slice, a missing frame) next to clean neighbours. The benchmark
+
+1. writes phantom training cases (seed 0) and held-out cases (another seed) with ``trunet phantom``;
+2. corrupts the held-out cines per scenario with :func:`trunet.data.artefacts.corrupt_cine`, recording
+   the corrupted frames (``scenarios/<name>/frames.json``);
+3. trains each variant with ``trunet train`` on the phantom's ACDC layout, i.e. on **ED and ES labels
+   only**, as ACDC is labelled, with the same config, steps and data; only the variant's overrides differ;
+4. predicts every scenario with each variant (the checkpoint's own inference settings) and scores all
+   frames against the phantom's dense labels.
+
+Variants (``--variants``):
+
+* ``frame``: the same UNet without ConvLSTMs (``model.clstm_levels=[]``), same augmentation: the
+  frame-by-frame baseline;
+* ``frame+smooth``: ``frame``'s probabilities smoothed over time (Gaussian, sigma ``--smooth-sigma``
+  frames, cyclic) before the arg-max: the cheap thing a user tries first (no extra training);
+* ``temporal``: the config as it is (``configs/demo.yaml``: the shipped recipe);
+* ``causal``: the config with unidirectional ConvLSTMs (the streaming form);
+* ``before``: the recipe trunet shipped before this benchmark (causal ConvLSTM at the bottleneck only,
+  no frame corruption in training, no cyclic inference).
+
+Printed per scenario and variant: mean Dice (RV, MYO, LV) on corrupted and on clean frames, Dice at ES,
+LV/RV EF absolute error (EF at the reference's ED and ES frames), LV volume-curve roughness (mean absolute
+cyclic second difference, mL) beside the reference's, and training seconds. Then one Markdown table for
+BENCHMARKS.md.
+
+Usage (the figures in BENCHMARKS.md; about an hour on a 2-core CPU)::
+
+    python benchmarks/bench_temporal.py --work bench-temporal
+    python benchmarks/bench_temporal.py --work bench-temporal --variants frame,temporal  # a subset
+
+A variant whose run folder already has ``checkpoints/best.pt`` is not retrained (``--retrain`` forces it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from machine import cpu_name
+from monai.metrics import compute_dice
+from monai.networks.utils import one_hot
+from scipy.ndimage import gaussian_filter1d
+
+from trunet.data.artefacts import corrupt_cine
+from trunet.pipeline.evaluate import class_volumes, ventricle_indices
+from trunet.pipeline.infer import run_prediction
+from trunet.pipeline.postprocess import keep_largest_components, probabilities_to_labels
+from trunet.transforms.io import load_cine, save_cine_like
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("RV", "MYO", "LV")  # label values 1, 2, 3
+
+SCENARIOS = {
+    # name: (fraction of frames, kinds, strength range)
+    "mild": (0.15, ("dropout", "noise", "blur", "ghost", "misaligned", "missing"), (0.2, 0.5)),
+    "severe": (0.30, ("dropout",), (0.85, 1.0)),
+    "noise": (0.30, ("noise",), (0.6, 1.0)),
+    "motion+missing": (0.30, ("blur", "ghost", "misaligned", "missing"), (0.5, 1.0)),
+}
+
+VARIANTS = {
+    "frame": ["model.clstm_levels=[]"],
+    "temporal": [],
+    "causal": ["model.bidirectional=false"],
+    "before": ["model.clstm_levels=bottleneck", "model.bidirectional=false", "model.clstm_reduction=1",
+               "train.augment.corrupt_prob=0.0", "infer.cyclic=false"],
+}
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+    if code != 0:
+        raise SystemExit(f"command failed (exit {code}); see {log}")
+    return time.perf_counter() - start
+
+
+def make_data(work: Path, train_cases: int, test_cases: int) -> tuple[Path, Path]:
+    train, test = work / "train", work / "test"
+    for folder, cases, seed in ((train, train_cases, 0), (test, test_cases, 7000)):
+        if not (folder / "datalist.json").is_file():
+            _run([sys.executable, "-m", "trunet", "phantom", "--out", str(folder), "--cases", str(cases),
+                  "--seed", str(seed)], work / f"phantom-{folder.name}.log")
+    return train, test
+
+
+def make_scenarios(work: Path, test: Path, seed: int) -> dict[str, dict]:
+    """Corrupted copies of the held-out cines: ``{scenario: {case_id: {"image", "label", "ed", "es", "frames"}}}``."""
+    items = json.loads((test / "datalist.json").read_text())["training"]
+    out: dict[str, dict] = {}
+    for s_index, (name, (fraction, kinds, strength)) in enumerate(SCENARIOS.items()):
+        folder = work / "scenarios" / name
+        record_path = folder / "frames.json"
+        if record_path.is_file():
+            out[name] = json.loads(record_path.read_text())
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        cases = {}
+        for c_index, item in enumerate(items):
+            src = test / item["image"]
+            image, meta = load_cine(src)  # (T, X, Y, Z)
+            rng = np.random.default_rng([seed, s_index, c_index])
+            n = image.shape[0]
+            frames = sorted(rng.choice(n, size=max(1, round(fraction * n)), replace=False).tolist())
+            spacing = [float(s) for s in meta.spacing[:3]]
+            corrupted, records = corrupt_cine(image, frames, kinds, strength, spacing, rng)
+            target = folder / f"{item['case_id']}_4d.nii.gz"
+            save_cine_like(np.clip(corrupted, 0, None), src, target, dtype=np.float32)
+            cases[item["case_id"]] = {"image": str(target), "label": str(test / item["label"]),
+                                      "ed": item["ed"], "es": item["es"], "corrupted": records}
+        record_path.write_text(json.dumps(cases, indent=1))
+        out[name] = cases
+    return out
+
+
+def train_variant(work: Path, name: str, config: Path, train: Path, extra: list[str], retrain: bool) -> float | None:
+    run_dir = work / "runs" / name
+    best = run_dir / "checkpoints" / "best.pt"
+    timing = run_dir / "train_seconds.txt"
+    if best.is_file() and not retrain:
+        return float(timing.read_text()) if timing.is_file() else None
+    if run_dir.exists():
+        subprocess.call(["rm", "-rf", str(run_dir)])
+    seconds = _run([sys.executable, "-m", "trunet", "train", "--config", str(config), "--data", str(train),
+                    "--run-dir", str(run_dir), "tracking.wandb.mode=disabled", *VARIANTS[name], *extra],
+                   work / f"train-{name}.log")
+    timing.write_text(f"{seconds:.1f}\n")
+    return seconds
+
+
+def _reference(path: str) -> np.ndarray:
+    return np.moveaxis(np.asarray(nib.load(path).dataobj), -1, 0).astype(np.uint8)  # (T, X, Y, Z)
+
+
+def _prediction(path: Path) -> np.ndarray:
+    return np.moveaxis(np.asarray(nib.load(str(path)).dataobj), -1, 0).astype(np.uint8)
+
+
+def smoothed_labels(pred_dir: Path, case_id: str, sigma: float) -> np.ndarray:
+    """``frame``'s saved probabilities, Gaussian-smoothed over time (cyclic), arg-max, largest components."""
+    probs = []
+    for k, name in enumerate(("background", *CLASSES)):
+        p = np.asarray(nib.load(str(pred_dir / f"{case_id}_prob_{k}_{name}.nii.gz")).dataobj, dtype=np.float32)
+        probs.append(gaussian_filter1d(p, sigma, axis=-1, mode="wrap"))
+    stacked = np.moveaxis(np.stack(probs), -1, 0)  # (T, K, X, Y, Z)
+    labels = probabilities_to_labels(stacked, class_axis=1)
+    return keep_largest_components(labels, classes=range(1, len(CLASSES) + 1))
+
+
+def score(pred: np.ndarray, ref: np.ndarray, case: dict, spacing) -> dict:
+    """Per-frame mean Dice over the three structures, EF errors and LV curve roughness of one case."""
+    p = one_hot(torch.as_tensor(pred, dtype=torch.int64)[:, None], 4)
+    r = one_hot(torch.as_tensor(ref, dtype=torch.int64)[:, None], 4)
+    dice = compute_dice(p, r, include_background=False, ignore_empty=True).double().numpy()  # (T, 3)
+    per_frame = np.nanmean(dice, axis=1)
+    corrupted = np.zeros(len(per_frame), dtype=bool)
+    corrupted[[rec["frame"] for rec in case["corrupted"]]] = True
+    vp, vr = class_volumes(pred, 4, spacing), class_volumes(ref, 4, spacing)
+    ed, es = case["ed"], case["es"]
+    ef = {}
+    for name, c in (("LV", 3), ("RV", 1)):
+        ef[name] = abs(ventricle_indices(vp[ed, c], vp[es, c])["EF"] - ventricle_indices(vr[ed, c], vr[es, c])["EF"])
+
+    def rough(curve: np.ndarray) -> float:
+        return float(np.mean(np.abs(np.roll(curve, 1) - 2 * curve + np.roll(curve, -1))))
+
+    return {"dice_corrupted": per_frame[corrupted].tolist(), "dice_clean": per_frame[~corrupted].tolist(),
+            "dice_es": float(per_frame[es]), "lv_ef_err": ef["LV"], "rv_ef_err": ef["RV"],
+            "rough": rough(vp[:, 3]), "rough_ref": rough(vr[:, 3])}
+
+
+def evaluate_variant(work: Path, variant: str, scenarios: dict[str, dict], sigma: float) -> dict[str, dict]:
+    source = "frame" if variant == "frame+smooth" else variant
+    ckpt = work / "runs" / source / "checkpoints" / "best.pt"
+    results = {}
+    for scenario, cases in scenarios.items():
+        pred_dir = work / "pred" / source / scenario
+        if not all((pred_dir / f"{cid}_seg.nii.gz").is_file() for cid in cases):
+            if pred_dir.exists():
+                subprocess.call(["rm", "-rf", str(pred_dir)])
+            run_prediction(ckpt, work / "scenarios" / scenario, pred_dir, save_probabilities=(source == "frame"))
+        rows = []
+        for cid, case in cases.items():
+            ref = _reference(case["label"])
+            if variant == "frame+smooth":
+                pred = smoothed_labels(pred_dir, cid, sigma)
+            else:
+                pred = _prediction(pred_dir / f"{cid}_seg.nii.gz")
+            spacing = nib.load(case["label"]).header.get_zooms()[:3]
+            rows.append(score(pred, ref, case, spacing))
+        results[scenario] = {
+            "dice_corrupted": float(np.mean(sum((r["dice_corrupted"] for r in rows), []))),
+            "dice_clean": float(np.mean(sum((r["dice_clean"] for r in rows), []))),
+            "dice_es": float(np.mean([r["dice_es"] for r in rows])),
+            "lv_ef_err": float(np.mean([r["lv_ef_err"] for r in rows])),
+            "rv_ef_err": float(np.mean([r["rv_ef_err"] for r in rows])),
+            "rough": float(np.mean([r["rough"] for r in rows])),
+            "rough_ref": float(np.mean([r["rough_ref"] for r in rows])),
+        }
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("bench-temporal"), help="work folder (reused)")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    parser.add_argument("--train-cases", type=int, default=40)
+    parser.add_argument("--test-cases", type=int, default=6)
+    parser.add_argument("--variants", default="frame,frame+smooth,temporal,before",
+                        help="comma-separated: " + ", ".join(["frame", "frame+smooth", *list(VARIANTS)[1:]]))
+    parser.add_argument("--smooth-sigma", type=float, default=1.0, help="frame+smooth: Gaussian sigma in frames")
+    parser.add_argument("--seed", type=int, default=0, help="corruption seed")
+    parser.add_argument("--retrain", action="store_true", help="train even where a checkpoint exists")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every variant's training")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # one table at the end, no progress bars in the log
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS and v != "frame+smooth"]
+    if unknown:
+        parser.error(f"unknown variants {unknown}")
+    if "frame+smooth" in variants and "frame" not in variants:
+        variants.insert(0, "frame")
+
+    print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.platform()}")
+    print(f"date: {_dt.datetime.now():%Y-%m-%d %H:%M}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    train, test = make_data(args.work, args.train_cases, args.test_cases)
+    scenarios = make_scenarios(args.work, test, args.seed)
+    for name, cases in scenarios.items():
+        n_corr = sum(len(c["corrupted"]) for c in cases.values())
+        print(f"scenario {name}: {len(cases)} cines, {n_corr} corrupted frames")
+
+    seconds: dict[str, float | None] = {}
+    for v in variants:
+        if v in VARIANTS:
+            seconds[v] = train_variant(args.work, v, args.config, train, args.overrides, args.retrain)
+            print(f"trained {v}: {seconds[v]:.0f} s" if seconds[v] else f"trained {v}: reused", flush=True)
+    seconds["frame+smooth"] = seconds.get("frame")
+
+    results = {v: evaluate_variant(args.work, v, scenarios, args.smooth_sigma) for v in variants}
+    (args.work / "results.json").write_text(json.dumps({"results": results, "train_seconds": seconds}, indent=1))
+
+    print("\n| scenario | variant | Dice corrupted frames | Dice clean frames | Dice at ES | LV EF error | "
+          "RV EF error | LV roughness (ref) | training |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for scenario in scenarios:
+        for v in variants:
+            r = results[v][scenario]
+            t = seconds.get(v)
+            print(f"| {scenario} | {v} | {r['dice_corrupted']:.3f} | {r['dice_clean']:.3f} | {r['dice_es']:.3f} | "
+                  f"{r['lv_ef_err']:.1f} | {r['rv_ef_err']:.1f} | {r['rough']:.1f} ({r['rough_ref']:.1f}) mL | "
+                  f"{'n/a' if t is None else f'{t:.0f} s'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
