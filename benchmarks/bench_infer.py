@@ -66,7 +66,7 @@ def write_checkpoint(folder: Path, config_path: Path, spacing: tuple[float, floa
     from trunet.pipeline.checkpoint import (
         build_model, inference_payload, model_from_hparams, model_hparams, save_checkpoint,
     )
-    from trunet.pipeline.config import load_config
+    from trunet.config import load_config
     from trunet.transforms.compose import preprocessing_from_config
 
     config = load_config(config_path)
@@ -151,7 +151,7 @@ def main() -> None:
         folder = Path(tmp)
         image = write_case(folder, args.frames, tuple(args.size), tuple(args.spacing))
         checkpoint = write_checkpoint(folder, args.config, tuple(args.spacing))
-        from trunet.pipeline.config import load_config
+        from trunet.config import load_config
 
         config = load_config(args.config)
         print(f"infer:   patch {list(config.train.patch_size)}, overlap {config.infer.overlap}, "

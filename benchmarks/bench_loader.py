@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from machine import cpu_name
 
 from trunet.data.phantom import write_phantom_dataset
-from trunet.pipeline.config import load_config
+from trunet.config import load_config
 from trunet.pipeline.data import build_train_loader, read_datalist
 
 

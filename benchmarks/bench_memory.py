@@ -44,7 +44,7 @@ import torch
 from machine import cpu_name
 
 from trunet.pipeline import plan as planning
-from trunet.pipeline.config import Config, config_from_dict
+from trunet.config import Config, config_from_dict
 
 MB = 1e6
 
@@ -216,7 +216,7 @@ def default_savers() -> str:
     """Estimates only (no GPU here): the savers at configs/default.yaml's size, CUDA accounting."""
     from pathlib import Path
 
-    from trunet.pipeline.config import load_config
+    from trunet.config import load_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
     rows = []
@@ -240,7 +240,7 @@ def vram_table(sizes: tuple[int, ...] = (12, 24, 40, 80), headroom: float = 0.1,
     the planner's ladder at ``frames`` frames and batch 2, without and with checkpointing (estimates)."""
     from pathlib import Path
 
-    from trunet.pipeline.config import load_config
+    from trunet.config import load_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
     configs = [load_config(path), load_config(path, ["model.checkpointing=true"])]

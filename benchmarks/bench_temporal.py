@@ -60,7 +60,7 @@ from trunet.data.artefacts import corrupt_cine
 from trunet.pipeline.evaluate import class_volumes, ventricle_indices
 from trunet.pipeline.infer import run_prediction
 from trunet.pipeline.postprocess import keep_largest_components, probabilities_to_labels
-from trunet.transforms.io import load_cine, save_cine_like
+from trunet.io import load_cine, save_cine_like
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("RV", "MYO", "LV")  # label values 1, 2, 3

@@ -12,7 +12,7 @@ from torch import nn
 import trunet.models
 from trunet.errors import CheckpointError
 from trunet.pipeline import checkpoint as ckpt
-from trunet.pipeline.config import Config, load_config
+from trunet.config import Config, load_config
 
 
 class _TinyNet(nn.Module):

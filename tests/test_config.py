@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from trunet.errors import ConfigError
-from trunet.pipeline.config import Config, config_from_dict, load_config, save_config
+from trunet.config import Config, config_from_dict, load_config, save_config
 
 
 @pytest.mark.parametrize("name", ["default.yaml", "demo.yaml", "tiny.yaml"])

@@ -12,7 +12,7 @@ import torch
 
 from cine_factory import SHAPE, make_image, make_label, oblique_affine, write_case, write_nifti
 from trunet.errors import DataError
-from trunet.pipeline.config import DataConfig, load_config
+from trunet.config import DataConfig, load_config
 from trunet.pipeline.data import (
     build_eval_dataset,
     build_train_loader,

@@ -17,7 +17,7 @@ from trunet.cli import main
 from trunet.errors import CheckpointError, DataError
 from trunet.models import TimeResolvedUNet
 from trunet.pipeline.checkpoint import inference_payload, model_from_hparams, model_hparams, save_checkpoint
-from trunet.pipeline.config import InferConfig, config_from_dict
+from trunet.config import InferConfig, config_from_dict
 from trunet.pipeline.infer import Predictor, find_inputs, run_prediction, time_windows
 from trunet.pipeline.postprocess import keep_largest_components, probabilities_to_labels
 from trunet.transforms.compose import preprocessing_from_config
@@ -418,7 +418,7 @@ def test_a_tiny_trained_model_segments_fresh_phantom_cases(tmp_path, configs_dir
     The slowest test here: ~3 min on the busy shared 2-core VM, where one step of this tiny model took 1-9 s.
     """
     from trunet.data.phantom import write_phantom_dataset
-    from trunet.pipeline.config import load_config
+    from trunet.config import load_config
     from trunet.pipeline.train import run_training
 
     small = {"inplane_scale": 0.5, "max_frames": 4}

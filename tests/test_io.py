@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from cine_factory import SHAPE, make_image, make_label, oblique_affine, write_case, write_nifti
 from trunet.errors import DataError
-from trunet.transforms.io import load_cine, load_label, read_header, save_cine_like
+from trunet.io import load_cine, load_label, read_header, save_cine_like
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

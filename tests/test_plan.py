@@ -12,7 +12,7 @@ import yaml
 
 from trunet.errors import TrunetError
 from trunet.pipeline import plan as planning
-from trunet.pipeline.config import config_from_dict
+from trunet.config import config_from_dict
 
 TINY_MODEL = {"channels": [4, 8, 16], "strides": [[2, 2, 1], [2, 2, 2]], "clstm_levels": "all"}
 

@@ -15,7 +15,7 @@ from cine_factory import write_case
 from trunet.data.artefacts import CORRUPTIONS, corrupt_cine, corrupt_frame
 from trunet.models import TimeResolvedUNet
 from trunet.models.blocks import TemporalCLSTM
-from trunet.pipeline.config import CorruptionKind, ConfigError, load_config
+from trunet.config import CorruptionKind, ConfigError, load_config
 from trunet.transforms.cardiac import RandCorruptFramesd
 from trunet.transforms.compose import train_transforms
 

@@ -19,7 +19,7 @@ from trunet.cli import main
 from trunet.errors import TrunetError
 from trunet.pipeline import train as T
 from trunet.pipeline.checkpoint import build_model, load_checkpoint
-from trunet.pipeline.config import load_config
+from trunet.config import load_config
 from wandb_records import history_keys, read_wandb_records, records_of, wandb_files
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cine_factory import SHAPE, make_image, make_label, oblique_affine, write_case, write_nifti
-from trunet.pipeline.config import load_config
+from trunet.config import load_config
 from trunet.pipeline.data import _make_dataset
 from trunet.transforms.cardiac import RandTemporalWindowd
 from trunet.transforms.compose import (

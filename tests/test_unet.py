@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trunet.models import TimeResolvedUNet
-from trunet.pipeline.config import ModelConfig
+from trunet.config import ModelConfig
 
 TINY = dict(channels=(4, 8, 16), strides=((2, 2, 1), (2, 2, 2)))
 

@@ -38,7 +38,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from trunet.pipeline.config import load_config
+    from trunet.config import load_config
 
     config = load_config(args.config, args.overrides)  # config errors first, before heavy imports
     from trunet.pipeline.train import TrainingInterrupted, run_training
@@ -78,7 +78,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from trunet.pipeline.config import load_config
+    from trunet.config import load_config
 
     config = load_config(args.config, args.overrides)
     from trunet.pipeline.plan import run_plan

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     args = parser.parse_args(argv)
 
-    from trunet.pipeline.config import load_config
+    from trunet.config import load_config
 
     config = load_config(args.config, args.overrides)
     out: Path = args.out

@@ -37,13 +37,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
-from trunet.atomic import atomic_path, write_json, write_text
+from trunet.atomic import write_json, write_text
 from trunet.errors import DataError, TrunetError
+from trunet.io import CineMeta, NiftiIO
 
 __all__ = [
     "PhantomCase",
@@ -705,20 +705,12 @@ def simulate_case(seed: int, index: int, *, inplane_scale: float = 1.0, max_fram
 # --------------------------------------------------------------------------------------------------
 
 
-def _nifti(data: np.ndarray, affine: np.ndarray, spacing: tuple[float, ...], time_step_ms: float | None) -> nib.Nifti1Image:
-    img = nib.Nifti1Image(data, affine)
-    hdr = img.header
-    hdr.set_qform(affine, code=1)
-    hdr.set_sform(affine, code=1)
-    hdr.set_xyzt_units("mm", "msec")
-    if data.ndim == 4:
-        hdr.set_zooms(tuple(spacing) + (float(time_step_ms),))
-    return img
-
-
-def _save(img: nib.Nifti1Image, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
+def _save(data: np.ndarray, affine: np.ndarray, spacing: tuple[float, ...], time_step_ms: float | None,
+          path: Path) -> None:
+    """One NIfTI file through trunet's NIfTI writer (sform/qform from ``affine``, mm/ms, the time step)."""
+    shape = tuple(data.shape[:3]) + ((data.shape[3],) if data.ndim == 4 else (1,))
+    meta = CineMeta(affine, tuple(float(s) for s in spacing), time_step_ms, shape, str(path), data.ndim)
+    NiftiIO().write(path, data, meta)
 
 
 def write_case(case: PhantomCase, case_dir: str | os.PathLike, cid: str) -> dict:
@@ -727,12 +719,12 @@ def write_case(case: PhantomCase, case_dir: str | os.PathLike, cid: str) -> dict
     case_dir = Path(case_dir)
     frames = {case.ed, case.es}
     img16 = case.image.astype(np.int16)
-    _save(_nifti(img16, case.affine, case.spacing, case.time_step_ms), case_dir / f"{cid}_4d.nii.gz")
-    _save(_nifti(case.label, case.affine, case.spacing, case.time_step_ms), case_dir / f"{cid}_4d_gt.nii.gz")
+    _save(img16, case.affine, case.spacing, case.time_step_ms, case_dir / f"{cid}_4d.nii.gz")
+    _save(case.label, case.affine, case.spacing, case.time_step_ms, case_dir / f"{cid}_4d_gt.nii.gz")
     for t in sorted(frames):
         stem = f"{cid}_frame{t + 1:02d}"
-        _save(_nifti(img16[..., t], case.affine, case.spacing, None), case_dir / f"{stem}.nii.gz")
-        _save(_nifti(case.label[..., t], case.affine, case.spacing, None), case_dir / f"{stem}_gt.nii.gz")
+        _save(img16[..., t], case.affine, case.spacing, None, case_dir / f"{stem}.nii.gz")
+        _save(case.label[..., t], case.affine, case.spacing, None, case_dir / f"{stem}_gt.nii.gz")
     info = (
         f"ED: {case.ed + 1}\nES: {case.es + 1}\nGroup: {case.group}\nHeight: {case.height_cm:.1f}\n"
         f"NbFrame: {case.image.shape[3]}\nWeight: {case.weight_kg:.1f}\n"

@@ -135,7 +135,7 @@ def load_checkpoint(
 
 
 def model_hparams(config: Any) -> dict[str, Any]:
-    """Constructor arguments of the model for a :class:`~trunet.pipeline.config.Config` (plain types)."""
+    """Constructor arguments of the model for a :class:`~trunet.config.Config` (plain types)."""
     return {"in_channels": 1, "out_channels": len(config.data.classes), **config.to_dict()["model"]}
 
 
@@ -146,7 +146,7 @@ def model_from_hparams(hparams: dict[str, Any]) -> torch.nn.Module:
     so a hand-edited or old checkpoint fails with a clear error instead of deep in the model.
     """
     from trunet.models import TimeResolvedUNet
-    from trunet.pipeline.config import config_from_dict
+    from trunet.config import config_from_dict
 
     hparams = dict(hparams)
     in_channels = hparams.pop("in_channels", 1)

@@ -36,10 +36,10 @@ from monai.transforms import Compose, Randomizable
 
 from trunet.atomic import write_json
 from trunet.errors import DataError, TrunetError
-from trunet.pipeline.config import Config, DataConfig
-from trunet.transforms.cardiac import case_id_from_path
+from trunet.config import Config, DataConfig
+from trunet.io import case_id_from_path
 from trunet.transforms.compose import inference_transforms, preprocessing_from_config, train_transforms
-from trunet.transforms.io import CineMeta, read_header
+from trunet.io import CineMeta, read_header
 
 __all__ = [
     "CaseLists",

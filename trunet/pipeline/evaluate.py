@@ -61,7 +61,7 @@ from trunet.errors import DataError
 from trunet.pipeline import report
 from trunet.pipeline.report import column_name
 from trunet.pipeline.data import parse_info_cfg, read_datalist
-from trunet.transforms.io import CineMeta, load_cine, load_label, strip_image_suffix
+from trunet.io import CineMeta, load_cine, load_label, strip_image_suffix
 
 __all__ = [
     "MYOCARDIAL_DENSITY",
@@ -198,7 +198,7 @@ def find_references(ref: str | os.PathLike) -> dict[str, ReferenceCase]:
 
 
 def _load_prediction(path: Path, num_classes: int) -> tuple[np.ndarray, CineMeta]:
-    """Predicted labels ``(T, X, Y, Z)`` uint8 and their :class:`~trunet.transforms.io.CineMeta`."""
+    """Predicted labels ``(T, X, Y, Z)`` uint8 and their :class:`~trunet.io.CineMeta`."""
     labels, _, meta = load_label(path, num_classes=num_classes)
     return labels, meta
 
@@ -654,7 +654,7 @@ def run_evaluation(
     """
     from tqdm.auto import tqdm
 
-    from trunet.pipeline.config import DataConfig
+    from trunet.config import DataConfig
 
     pred_dir, out_dir = Path(pred), Path(out_dir)
     classes = list(classes) if classes else list(DataConfig().classes)

@@ -79,12 +79,12 @@ from tqdm.auto import tqdm
 
 from trunet.errors import CheckpointError, ConfigError, DataError, TrunetError
 from trunet.pipeline.checkpoint import build_model, load_checkpoint
-from trunet.pipeline.config import InferConfig
+from trunet.config import InferConfig
 from trunet.pipeline.data import read_datalist, unwrap_data_errors
 from trunet.pipeline.postprocess import keep_largest_components, probabilities_to_labels
 from trunet.transforms.compose import inference_transforms, invert_prediction
-from trunet.transforms.cardiac import case_id_from_path
-from trunet.transforms.io import is_image_path, read_header, save_cine_like, strip_image_suffix
+from trunet.io import case_id_from_path
+from trunet.io import is_image_path, read_header, save_cine_like, strip_image_suffix
 
 __all__ = [
     "Predictor",
@@ -499,7 +499,7 @@ def _check_checkpoint(payload: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def _infer_config(payload: dict[str, Any], path: Path, **overrides: Any) -> InferConfig:
-    from trunet.pipeline.config import config_from_dict
+    from trunet.config import config_from_dict
 
     saved = (payload.get("config") or {}).get("infer") or {}
     try:

@@ -100,7 +100,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from trunet.atomic import write_yaml
 from trunet.errors import TrunetError
-from trunet.pipeline.config import Config
+from trunet.config import Config
 
 __all__ = [
     "MemoryEstimate",
@@ -472,7 +472,7 @@ def _fit_key(config: Config) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _fit(key: str) -> _Fit:
-    from trunet.pipeline.config import config_from_dict
+    from trunet.config import config_from_dict
 
     spec = json.loads(key)
     config = config_from_dict({
@@ -510,9 +510,7 @@ def _fit(key: str) -> _Fit:
 
 def _check_size(config: Config, patch_size: Sequence[int]) -> tuple[int, int, int]:
     """The patch as a 3-tuple, or a TrunetError if the strides do not divide it (the model's rule)."""
-    scales = [1, 1, 1]
-    for s in config.model.strides:
-        scales = [a * b for a, b in zip(scales, s)]
+    scales = config.model.size_divisor
     size = tuple(int(p) for p in patch_size)
     if len(size) != 3 or any(p < d or p % d for p, d in zip(size, scales)):
         raise TrunetError(

@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from trunet.pipeline.config import Config, WandbConfig
+from trunet.config import Config, WandbConfig
 
 __all__ = [
     "Tracker",

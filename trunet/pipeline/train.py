@@ -57,7 +57,7 @@ from trunet.atomic import write_text
 from trunet.errors import ConfigError, TrunetError
 from trunet.pipeline import checkpoint as ckpt
 from trunet.pipeline import distributed as dist_utils
-from trunet.pipeline.config import Config, config_from_dict, save_config
+from trunet.config import Config, config_from_dict, save_config
 from trunet.pipeline.distributed import DistContext
 
 __all__ = [
@@ -394,13 +394,8 @@ class Trainer:
         self._warn_memory()  # before anything of ours is on the GPU
 
         _seed_everything(t.seed)  # same initial weights on every rank
+        # train.patch_size was checked against the model's size_divisor when the config was loaded
         self.model = ckpt.model_from_hparams(ckpt.model_hparams(c)).to(self.device)
-        try:
-            self.model.check_input_size(t.patch_size)
-        except ValueError as exc:
-            raise ConfigError(
-                f"train.patch_size {list(t.patch_size)} does not fit the model: {exc}"
-            ) from None
 
         # rank 0 resolves (and maybe generates) the data first; the others then find it in place. A data
         # error on rank 0 is sent to every rank, so none waits for a collective that never comes.

@@ -33,7 +33,7 @@ from monai.transforms import Affine, MapTransform, Randomizable, SpatialCrop, Sp
 from monai.transforms.utils import generate_pos_neg_label_crop_centers
 
 from trunet.data.artefacts import CORRUPTIONS, corrupt_frame
-from trunet.transforms.io import load_cine, load_label, strip_image_suffix
+from trunet.io import case_id_from_path, load_cine, load_label
 
 __all__ = [
     "LoadCined",
@@ -46,14 +46,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def case_id_from_path(path: str | Path) -> str:
-    """The case id of an image file or per-frame folder: its name without image suffix and without ACDC's
-    ``_4d`` cine suffix (``patient001_4d.nii.gz`` -> ``patient001``). Training, prediction file names and
-    evaluation all use this rule, so a prediction finds its reference by id."""
-    stem = strip_image_suffix(Path(path).name)
-    return stem[:-3] if stem.lower().endswith("_4d") and len(stem) > 3 else stem
 
 
 class LoadCined(MapTransform):
@@ -70,7 +62,7 @@ class LoadCined(MapTransform):
         ``case_id``: str; ``ed``/``es``: int (-1 when unknown). ``frames`` is dropped.
 
     Raises:
-        DataError: see :func:`~trunet.transforms.io.load_cine` / :func:`~trunet.transforms.io.load_label`.
+        DataError: see :func:`~trunet.io.load_cine` / :func:`~trunet.io.load_label`.
     """
 
     def __init__(

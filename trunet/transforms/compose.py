@@ -44,7 +44,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from trunet.pipeline.config import Config
+from trunet.config import Config
 from trunet.transforms.cardiac import (
     ForegroundUniond,
     LoadCined,
