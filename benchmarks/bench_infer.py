@@ -1,6 +1,6 @@
 """Inference benchmark: seconds and peak memory to segment one ACDC-sized cine, end to end.
 
-End to end = :func:`trunet.pipeline.infer.run_prediction` on a 4D NIfTI: load the checkpoint, read and
+End to end = :func:`trunet.pipeline.inference.run_prediction` on a 4D NIfTI: load the checkpoint, read and
 preprocess the scan, sliding-window prediction of every frame, inverse transforms back to the scan's grid,
 largest-component post-processing and the atomic write of ``<case>_seg.nii.gz``. The model is the
 architecture of ``configs/default.yaml`` with random weights (speed does not depend on training); the scan
@@ -64,7 +64,7 @@ def write_checkpoint(folder: Path, config_path: Path, spacing: tuple[float, floa
     import torch
 
     from trunet.pipeline.checkpoint import (
-        build_model, inference_payload, model_from_hparams, model_hparams, save_checkpoint,
+        inference_payload, model_from_checkpoint, model_from_hparams, model_hparams, save_checkpoint,
     )
     from trunet.config import load_config
     from trunet.transforms.compose import preprocessing_from_config
@@ -74,7 +74,7 @@ def write_checkpoint(folder: Path, config_path: Path, spacing: tuple[float, floa
     model = model_from_hparams(model_hparams(config))
     payload = inference_payload(model, config, preprocessing_from_config(config, spacing))
     path = save_checkpoint(folder / "bench.pt", payload)
-    build_model(payload)  # fails here, not in the timed run, if the payload is unusable
+    model_from_checkpoint(payload)  # fails here, not in the timed run, if the payload is unusable
     return path
 
 
@@ -84,7 +84,7 @@ def worker(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    import trunet.pipeline.infer as infer
+    import trunet.pipeline.inference as infer
 
     predict_seconds = []
     original = infer.Predictor.predict_case

@@ -1,6 +1,6 @@
 """Training-loader throughput against the train step it feeds, at the demo config, on phantom cases.
 
-Loader: ``trunet.pipeline.data.build_train_loader`` with the config's workers (demo: 2) and cache (demo:
+Loader: ``trunet.pipeline.training.loaders.build_train_loader`` with the config's workers (demo: 2) and cache (demo:
 memory), i.e. temporal window, foreground-oversampled patch with rotation/scaling, mirroring and
 intensity augmentation per sample. The one-time cost of building the cache (loading, resampling,
 normalising every case) is reported apart. Samples/s = batches x batch size / wall time of the timed
@@ -33,7 +33,8 @@ from machine import cpu_name
 
 from trunet.data.phantom import write_phantom_dataset
 from trunet.config import load_config
-from trunet.pipeline.data import build_train_loader, read_datalist
+from trunet.data.cases import read_datalist
+from trunet.pipeline.training.loaders import build_train_loader
 
 
 def _machine(device: torch.device) -> str:

@@ -2,7 +2,7 @@
 
 Two tables, printed as markdown with the command, machine and date:
 
-* ``--validate``: for three small configs, the estimate (``trunet.pipeline.plan.estimate_memory`` with
+* ``--validate``: for three small configs, the estimate (``trunet.pipeline.planning.estimate_memory`` with
   ``device_type="cpu"``) against (a) the saved-tensor bytes measured directly at the full size
   (``saved_tensors_hooks``, deduplicated by storage) and the live bytes at the end of forward, and (b) the
   process's peak memory in one train step.
@@ -43,7 +43,9 @@ from typing import Any
 import torch
 from machine import cpu_name
 
-from trunet.pipeline import plan as planning
+from trunet.models import build_model
+from trunet.pipeline import planning
+from trunet.pipeline.training.losses import build_criterion
 from trunet.config import Config, config_from_dict
 
 MB = 1e6
@@ -99,8 +101,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     config = _config(spec["config"])
     b, t, patch = spec["batch"], spec["time"], tuple(spec["patch"])
     torch.manual_seed(0)
-    model = planning.build_model(config)
-    criterion = planning.build_criterion(config)
+    model = build_model(config)
+    criterion = build_criterion(config)
     t_cfg = config.train  # the trainer's optimizers, with the config's settings
     if t_cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
@@ -167,8 +169,8 @@ def validate(args: argparse.Namespace) -> str:
     for name, (mapping, b, t, patch) in VALIDATION.items():
         config = _config(mapping)
         est = planning.estimate_memory(config, patch, t, b, device_type="cpu")
-        model = planning.build_model(config, initialise=False)
-        probe = planning.probe_activations(config, model, planning.build_criterion(config), b, t, patch)
+        model = build_model(config, initialise=False)
+        probe = planning.probe_activations(config, model, build_criterion(config), b, t, patch)
         del model
         measured = _measure(mapping, b, t, patch, args.threads, 0)
         step_est = est.total - est.parameters - est.batch

@@ -57,9 +57,9 @@ from monai.networks.utils import one_hot
 from scipy.ndimage import gaussian_filter1d
 
 from trunet.data.artefacts import corrupt_cine
-from trunet.pipeline.evaluate import class_volumes, ventricle_indices
-from trunet.pipeline.infer import run_prediction
-from trunet.pipeline.postprocess import keep_largest_components, probabilities_to_labels
+from trunet.pipeline.evaluation import class_volumes, ventricle_indices
+from trunet.pipeline.inference import run_prediction
+from trunet.pipeline.inference.postprocess import keep_largest_components, probabilities_to_labels
 from trunet.io import load_cine, save_cine_like
 
 REPO = Path(__file__).resolve().parents[1]

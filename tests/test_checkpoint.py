@@ -32,7 +32,7 @@ class _TinyNet(nn.Module):
 
 @pytest.fixture
 def tiny_net(monkeypatch):
-    monkeypatch.setattr(trunet.models, "TimeResolvedUNet", _TinyNet, raising=False)
+    monkeypatch.setitem(trunet.models.ARCHITECTURES, "TimeResolvedUNet", _TinyNet)
     return _TinyNet
 
 
@@ -63,7 +63,7 @@ def test_roundtrip_and_model_rebuild(tmp_path, tiny_net, configs_dir):
     assert payload["format_version"] == ckpt.FORMAT_VERSION
     assert payload["trunet_version"] == trunet.__version__
     assert payload["epoch"] == 3 and payload["metrics"][0]["train_loss"] == 1.25
-    rebuilt = ckpt.build_model(payload)
+    rebuilt = ckpt.model_from_checkpoint(payload)
     assert not rebuilt.training
     x = torch.randn(1, 2, 1, 4, 4, 2)
     model.eval()
@@ -122,7 +122,7 @@ def test_bad_files_are_clear_errors(tmp_path, tiny_net, configs_dir):
 
     wrong_weights = {**payload, "model_state": {"conv.weight": torch.zeros(1)}}
     with pytest.raises(CheckpointError, match="do not fit"):
-        ckpt.build_model(wrong_weights)
+        ckpt.model_from_checkpoint(wrong_weights)
 
 
 def test_rng_state_survives_a_checkpoint(tmp_path):

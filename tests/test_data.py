@@ -13,9 +13,7 @@ import torch
 from cine_factory import SHAPE, make_image, make_label, oblique_affine, write_case, write_nifti
 from trunet.errors import DataError
 from trunet.config import DataConfig, load_config
-from trunet.pipeline.data import (
-    build_eval_dataset,
-    build_train_loader,
+from trunet.data.cases import (
     median_target_spacing,
     parse_info_cfg,
     read_acdc_root,
@@ -23,6 +21,7 @@ from trunet.pipeline.data import (
     resolve_cases,
     split_cases,
 )
+from trunet.pipeline.training.loaders import build_eval_dataset, build_train_loader
 from trunet.transforms.compose import inference_transforms, preprocessing_from_config
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from trunet.pipeline import distributed as D
+from trunet.pipeline.training import distributed as D
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,8 +83,8 @@ def test_ddp_two_cpu_processes(tmp_path):
     """torchrun with 2 Gloo ranks: identical weights on both ranks, checkpoints written by rank 0 only,
     and --resume under torchrun continues the run."""
     from trunet.data.phantom import write_phantom_dataset
-    from trunet.pipeline.checkpoint import build_model, load_checkpoint
-    from trunet.pipeline.train import parameter_checksum
+    from trunet.pipeline.checkpoint import load_checkpoint, model_from_checkpoint
+    from trunet.pipeline.training import parameter_checksum
 
     datalist = write_phantom_dataset(tmp_path / "phantom", cases=4, seed=0, inplane_scale=2.5, max_frames=6)
     run, debug = tmp_path / "run", tmp_path / "debug"
@@ -103,7 +103,7 @@ def test_ddp_two_cpu_processes(tmp_path):
 
     latest = load_checkpoint(run / "checkpoints" / "latest.pt")
     assert latest["epoch"] == 2 and latest["iteration"] == 4
-    assert repr(parameter_checksum(build_model(latest))) == params0[-1].split()[2]
+    assert repr(parameter_checksum(model_from_checkpoint(latest))) == params0[-1].split()[2]
     log = (run / "log.txt").read_text()
     assert "x 2 processes (gloo)" in log and "resuming" in log
     rows = (run / "metrics.csv").read_text().splitlines()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from trunet.errors import DataError
-from trunet.pipeline.evaluate import (
+from trunet.pipeline.evaluation import (
     MYOCARDIAL_DENSITY,
     agreement,
     cardiac_phases,

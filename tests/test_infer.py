@@ -18,8 +18,8 @@ from trunet.errors import CheckpointError, DataError
 from trunet.models import TimeResolvedUNet
 from trunet.pipeline.checkpoint import inference_payload, model_from_hparams, model_hparams, save_checkpoint
 from trunet.config import InferConfig, config_from_dict
-from trunet.pipeline.infer import Predictor, find_inputs, run_prediction, time_windows
-from trunet.pipeline.postprocess import keep_largest_components, probabilities_to_labels
+from trunet.pipeline.inference import Predictor, find_inputs, run_prediction, time_windows
+from trunet.pipeline.inference.postprocess import keep_largest_components, probabilities_to_labels
 from trunet.transforms.compose import preprocessing_from_config
 
 CLASSES = ["background", "RV", "MYO", "LV"]
@@ -279,7 +279,7 @@ def write_cine(path: Path, shape=(20, 16, 6, 3), affine=None, time_step=25.0) ->
 
 def test_prediction_on_a_scanner_file_keeps_shape_affine_and_time_step(checkpoint, tmp_path, caplog):
     out_dir = tmp_path / "pred"
-    with caplog.at_level(logging.INFO, logger="trunet.pipeline.infer"):
+    with caplog.at_level(logging.INFO, logger="trunet.pipeline.inference"):
         written = run_prediction(checkpoint, EXAMPLE4D, out_dir, device="cpu", save_probabilities=True)
     assert [p.name for p in written] == [
         "example4d_seg.nii.gz", "example4d_prob_0_background.nii.gz", "example4d_prob_1_RV.nii.gz",
@@ -419,7 +419,7 @@ def test_a_tiny_trained_model_segments_fresh_phantom_cases(tmp_path, configs_dir
     """
     from trunet.data.phantom import write_phantom_dataset
     from trunet.config import load_config
-    from trunet.pipeline.train import run_training
+    from trunet.pipeline.training import run_training
 
     small = {"inplane_scale": 0.5, "max_frames": 4}
     train_list = write_phantom_dataset(tmp_path / "train", cases=3, seed=0, **small)
@@ -492,7 +492,7 @@ def test_cli_predict_nan_input_is_one_line_naming_the_file(checkpoint, tmp_path,
 
 @pytest.mark.parametrize("flags, expected", [([], None), (["--tta"], True), (["--no-tta"], False)])
 def test_cli_predict_tta_flags(monkeypatch, tmp_path, flags, expected):
-    import trunet.pipeline.infer as infer
+    import trunet.pipeline.inference as infer
 
     seen = {}
     monkeypatch.setattr(infer, "run_prediction", lambda **kwargs: seen.update(kwargs) or [])

@@ -1,4 +1,4 @@
-"""Memory model and planner (trunet.pipeline.plan): exact scaling, savers, budgets, the CLI."""
+"""Memory model and planner (trunet.pipeline.planning): exact scaling, savers, budgets, the CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from trunet.errors import TrunetError
-from trunet.pipeline import plan as planning
+from trunet.models import build_model
+from trunet.pipeline import planning
+from trunet.pipeline.training.losses import build_criterion
 from trunet.config import config_from_dict
 
 TINY_MODEL = {"channels": [4, 8, 16], "strides": [[2, 2, 1], [2, 2, 2]], "clstm_levels": "all"}
@@ -42,8 +44,8 @@ def test_fit_matches_direct_measurement_at_unprobed_size(model):
     config = tiny(model)
     batch, frames, patch = 3, 5, (24, 16, 6)
     estimate = planning.estimate_memory(config, patch, frames, batch, device_type="cpu")
-    net = planning.build_model(config, initialise=False)
-    probe = planning.probe_activations(config, net, planning.build_criterion(config), batch, frames, patch)
+    net = build_model(config, initialise=False)
+    probe = planning.probe_activations(config, net, build_criterion(config), batch, frames, patch)
     assert abs(estimate.activations - probe.live) <= 8
     assert abs(estimate.saved_tensors - probe.saved) <= 8
     if model.get("checkpointing"):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from trunet.config import WandbConfig, load_config
-from trunet.pipeline.tracking import Tracker, encode_gif, overlay_frames, resolve_wandb_settings, wandb_env
+from trunet.pipeline.training.tracking import Tracker, encode_gif, overlay_frames, resolve_wandb_settings, wandb_env
 from wandb_records import history_keys, read_wandb_records, records_of, wandb_files
 
 

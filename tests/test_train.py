@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from trunet.cli import main
 from trunet.errors import TrunetError
-from trunet.pipeline import train as T
-from trunet.pipeline.checkpoint import build_model, load_checkpoint
+from trunet.pipeline import training as T
+from trunet.pipeline.checkpoint import load_checkpoint, model_from_checkpoint
+from trunet.pipeline.precision import autocast_dtype
 from trunet.config import load_config
 from wandb_records import history_keys, read_wandb_records, records_of, wandb_files
 
@@ -100,8 +101,8 @@ def test_deep_supervision_and_schedule_helpers():
     f = T.poly_lr_lambda(total_steps=100, warmup_steps=10, power=0.9)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5**0.9) and f(100) == 0.0
-    assert T.autocast_dtype(torch.device("cpu"), True) == torch.bfloat16
-    assert T.autocast_dtype(torch.device("cpu"), False) is None
+    assert autocast_dtype(torch.device("cpu"), True) == torch.bfloat16
+    assert autocast_dtype(torch.device("cpu"), False) is None
     assert T.default_run_dir("configs/demo.yaml").parent == Path("runs")
     assert T.default_run_dir("configs/demo.yaml").name.startswith("demo-")
 
@@ -130,7 +131,7 @@ def test_cli_end_to_end(tmp_path, phantom):
     assert best["best_metric"] == max(float(r["val_mean_dice"]) for r in rows)
     assert latest["preprocessing"]["target_spacing"] == [4.0, 4.0, 8.0]
     assert [m["train_loss"] for m in latest["metrics"]] == [float(r["train_loss"]) for r in rows]
-    model = build_model(best)
+    model = model_from_checkpoint(best)
     with torch.no_grad():
         out = model(torch.randn(1, 3, 1, 32, 32, 4))
     assert out.shape == (1, 3, 4, 32, 32, 4)

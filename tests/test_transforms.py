@@ -14,7 +14,7 @@ import torch
 
 from cine_factory import SHAPE, make_image, make_label, oblique_affine, write_case, write_nifti
 from trunet.config import load_config
-from trunet.pipeline.data import _make_dataset
+from trunet.data.datasets import make_dataset
 from trunet.transforms.cardiac import RandTemporalWindowd
 from trunet.transforms.compose import (
     inference_transforms,
@@ -150,7 +150,7 @@ def test_persistent_cache_keeps_geometry(configs_dir: Path, case: dict, tmp_path
     pre = preprocessing_from_config(_config(configs_dir), (1.1, 0.9, 6.0))
     chain = inference_transforms(pre)
     fresh = chain(dict(case))
-    ds = _make_dataset([case], chain, "disk", tmp_path / "cache", pre, "test")
+    ds = make_dataset([case], chain, "disk", tmp_path / "cache", pre, "test")
     first = ds[0]  # computes and writes the cache
     assert list((tmp_path / "cache").rglob("*.pt"))
     cached = ds[0]  # read back from disk

@@ -10,7 +10,8 @@ Commands (DESIGN.md section 6)::
 
 A user error (:class:`trunet.errors.TrunetError`) ends with one line on stderr and exit code 2;
 ``--debug`` shows the traceback. ``train`` stopped by SIGTERM/SIGINT saves ``latest.pt`` and exits with
-128 + signal (143, 130). The commands import their modules lazily so ``--help`` is instant.
+128 + signal (143, 130). Each command imports its stage package when it runs (not at module level), so
+``--help`` and a config error are instant; nothing here imports lazily to dodge a circle.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 from trunet import __version__
+from trunet.config import load_config
 from trunet.errors import TrunetError
 
 __all__ = ["main", "build_parser"]
@@ -38,15 +40,15 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from trunet.config import load_config
-
     config = load_config(args.config, args.overrides)  # config errors first, before heavy imports
-    from trunet.pipeline.train import TrainingInterrupted, run_training
+    from trunet.pipeline.planning import training_memory_bytes
+    from trunet.pipeline.training import TrainingInterrupted, run_training
 
     if args.data is not None:
         config.data.root = str(args.data.resolve())
     try:
-        run_training(config, run_dir=args.run_dir, resume=args.resume, config_path=args.config)
+        run_training(config, run_dir=args.run_dir, resume=args.resume, config_path=args.config,
+                     memory_estimate=training_memory_bytes)
     except TrainingInterrupted as exc:  # latest.pt is saved; 128 + signal so schedulers restart the job
         print(f"trunet train: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -54,7 +56,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from trunet.pipeline.infer import run_prediction
+    from trunet.pipeline.inference import run_prediction
 
     run_prediction(
         checkpoint=args.checkpoint,
@@ -71,17 +73,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from trunet.pipeline.evaluate import run_evaluation
+    from trunet.pipeline.evaluation import run_evaluation
 
     run_evaluation(pred=args.pred, ref=args.ref, out_dir=args.out, classes=args.classes)
     return 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from trunet.config import load_config
-
     config = load_config(args.config, args.overrides)
-    from trunet.pipeline.plan import run_plan
+    from trunet.pipeline.planning import run_plan
 
     run_plan(config, vram_gb=args.vram_gb, headroom=args.headroom, out=args.out)
     return 0

@@ -41,6 +41,7 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "config_from_dict",
+    "config_for_model",
     "save_config",
     "CorruptionKind",
     "ConfigError",
@@ -311,6 +312,18 @@ def config_from_dict(mapping: dict[str, Any] | None, source: str = "<dict>") -> 
     config = _build(Config, mapping, "", source)
     _check_values(config, source)
     return config
+
+
+def config_for_model(model: dict[str, Any], source: str, **sections: Any) -> Config:
+    """A validated config whose ``model`` section is ``model``, for rebuilding a network from stored arguments
+    (a checkpoint's, the planner's cache key): ``train.patch_size`` defaults to the model's size divisor, so
+    the patch check of :func:`config_from_dict` never rejects a model for a patch nobody asked for."""
+    if not isinstance(model, dict):
+        raise ConfigError(f"{source}: 'model' must be a mapping, got {type(model).__name__}")
+    divisor = _build(ModelConfig, model, "model", source).size_divisor
+    train = dict(sections.pop("train", None) or {})
+    train.setdefault("patch_size", list(divisor))
+    return config_from_dict({**sections, "model": model, "train": train}, source)
 
 
 def _check_values(config: Config, source: str) -> None:

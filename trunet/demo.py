@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from trunet.cli import main as trunet_main
+from trunet.config import load_config
 
 __all__ = ["main"]
 
@@ -85,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-cases", type=int, default=4, help="held-out cases to predict (default: 4)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     args = parser.parse_args(argv)
-
-    from trunet.config import load_config
 
     config = load_config(args.config, args.overrides)
     out: Path = args.out

@@ -1,4 +1,14 @@
-"""Data sets shipped with trunet: the synthetic 4D cardiac cine phantom (:mod:`trunet.data.phantom`)."""
+"""Data: the cases a run uses, before any transform touches them.
+
+- :mod:`trunet.data.cases` -- where cases come from (a datalist JSON, an ACDC-layout root, the phantom), the
+  header checks, the patient-level split and the median spacing; trunet's one ACDC discovery.
+- :mod:`trunet.data.datasets` -- MONAI datasets over case records with the caching policy; the transform
+  chain is passed in (the chains live in :mod:`trunet.transforms`).
+- :mod:`trunet.data.phantom` -- the synthetic 4D cardiac cine phantom (the default data set);
+  :mod:`trunet.data.artefacts` -- the frame corruptions it and the training augmentation share.
+
+Reads files only through :mod:`trunet.io`.
+"""
 
 from __future__ import annotations
 

@@ -25,7 +25,12 @@ Every random draw of case ``index`` comes from ``numpy.random.default_rng([seed,
 does not depend on how many cases are generated or in which order.
 
 :func:`simulate_case` returns the arrays in memory; :func:`write_phantom_dataset` writes cases in the
-ACDC layout plus a ``datalist.json``.
+ACDC layout plus a ``datalist.json`` (through :mod:`trunet.io`'s NIfTI writer).
+
+Why one module of ~780 lines: the anatomy, the appearance model and the writer share one private parameter
+record per case (``_Params``) and its draws from one RNG stream; split into modules they would need that
+record as a public interface that nothing else in trunet uses, and the order of the draws, which fixes
+every case of a seed, would span files.
 """
 
 from __future__ import annotations

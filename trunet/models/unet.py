@@ -65,6 +65,15 @@ class TimeResolvedUNet(nn.Module):
         logits ``(B, T, K, X, Y, Z)``; with ``deep_supervision`` in training mode a list: that, then the
         lower-resolution logits ``(B, T, K, X / P_l, ...)`` for levels ``l = 1 .. len(channels) - 2``, where
         ``P_l`` = :attr:`level_scales` ``[l]``.
+
+    Example::
+
+        >>> import torch
+        >>> net = TimeResolvedUNet(1, 4, channels=[4, 8], strides=[(2, 2, 1)])
+        >>> net.size_divisor
+        (2, 2, 1)
+        >>> net(torch.randn(1, 3, 1, 8, 8, 2)).shape  # (B, T, C, X, Y, Z) -> (B, T, K, X, Y, Z)
+        torch.Size([1, 3, 4, 8, 8, 2])
     """
 
     def __init__(

@@ -8,6 +8,7 @@ lists and dicts). Keys:
 ``format_version``  :data:`FORMAT_VERSION`; a newer or older layout is refused with a clear error
 ``trunet_version``  the package version that wrote it
 ``model_state``     ``model.state_dict()`` (never the DDP wrapper's ``module.`` names)
+``architecture``    the network's name in :data:`trunet.models.ARCHITECTURES` (absent: ``TimeResolvedUNet``)
 ``model_hparams``   ``in_channels``, ``out_channels`` and the :class:`ModelConfig` fields
 ``config``          the resolved config as a plain dict
 ``classes``         class names by label value
@@ -25,7 +26,6 @@ Trainers may add keys (e.g. ``epoch_iteration`` for a mid-epoch stop); readers i
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -37,7 +37,10 @@ import torch
 
 from trunet import __version__
 from trunet.atomic import atomic_path
+from trunet.config import config_for_model
 from trunet.errors import CheckpointError, ConfigError
+from trunet.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
+from trunet.models import build_model as _build_network
 
 __all__ = [
     "FORMAT_VERSION",
@@ -47,6 +50,7 @@ __all__ = [
     "model_hparams",
     "model_from_hparams",
     "inference_payload",
+    "model_from_checkpoint",
     "build_model",
     "capture_rng_state",
     "restore_rng_state",
@@ -139,31 +143,29 @@ def model_hparams(config: Any) -> dict[str, Any]:
     return {"in_channels": 1, "out_channels": len(config.data.classes), **config.to_dict()["model"]}
 
 
-def model_from_hparams(hparams: dict[str, Any]) -> torch.nn.Module:
-    """A fresh (untrained) :class:`trunet.models.TimeResolvedUNet` from ``model_hparams``.
+def model_from_hparams(hparams: dict[str, Any], architecture: str = DEFAULT_ARCHITECTURE) -> torch.nn.Module:
+    """A fresh (untrained) network from ``model_hparams`` through :func:`trunet.models.build_model`.
 
-    The :class:`ModelConfig` part is validated (and lists turned into tuples) by the config loader,
-    so a hand-edited or old checkpoint fails with a clear error instead of deep in the model.
+    The :class:`~trunet.config.ModelConfig` part is validated (and lists turned into tuples) by the config
+    loader, so a hand-edited or old checkpoint fails with a clear error instead of deep in the model.
     """
-    from trunet.models import TimeResolvedUNet
-    from trunet.config import config_from_dict
-
     hparams = dict(hparams)
     in_channels = hparams.pop("in_channels", 1)
     out_channels = hparams.pop("out_channels")
-    model_config = config_from_dict({"model": hparams}, source="checkpoint model_hparams").model
-    return TimeResolvedUNet(
-        in_channels=in_channels, out_channels=out_channels, **dataclasses.asdict(model_config)
-    )
+    config = config_for_model(hparams, source="checkpoint model_hparams")
+    return _build_network(config, in_channels=in_channels, out_channels=out_channels, architecture=architecture)
 
 
 def inference_payload(model: torch.nn.Module, config: Any, preprocessing: dict[str, Any]) -> dict[str, Any]:
-    """The part of a checkpoint that ``predict`` needs: weights, model hyper-parameters, the resolved config,
-    class names and preprocessing (target spacing, normalisation, patch, time window). The trainer adds its
-    optimizer, scheduler, RNG and progress to this; a model made elsewhere needs nothing more to be served."""
+    """The part of a checkpoint that ``predict`` needs: weights, the architecture's name and arguments, the
+    resolved config, class names and preprocessing (target spacing, normalisation, patch, time window). The
+    trainer adds its optimizer, scheduler, RNG and progress to this; a model made elsewhere needs nothing
+    more to be served."""
     return {
         "format_version": FORMAT_VERSION,
         "model_state": model.state_dict(),
+        "architecture": next((name for name, cls in ARCHITECTURES.items() if type(model) is cls),
+                             DEFAULT_ARCHITECTURE),
         "model_hparams": model_hparams(config),
         "config": config.to_dict(),
         "classes": list(config.data.classes),
@@ -171,15 +173,16 @@ def inference_payload(model: torch.nn.Module, config: Any, preprocessing: dict[s
     }
 
 
-def build_model(checkpoint_payload: dict[str, Any]) -> torch.nn.Module:
+def model_from_checkpoint(checkpoint_payload: dict[str, Any]) -> torch.nn.Module:
     """The trained model of a checkpoint payload (from :func:`load_checkpoint`), in eval mode on CPU.
 
     Raises:
-        CheckpointError: the hyper-parameters are invalid or the weights do not fit the model.
+        CheckpointError: the architecture or hyper-parameters are invalid or the weights do not fit the model.
     """
     try:
-        model = model_from_hparams(checkpoint_payload["model_hparams"])
-    except (ConfigError, KeyError, TypeError) as exc:
+        model = model_from_hparams(checkpoint_payload["model_hparams"],
+                                   checkpoint_payload.get("architecture", DEFAULT_ARCHITECTURE))
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint model_hparams are not usable: {exc}") from None
     try:
         model.load_state_dict(checkpoint_payload["model_state"])
@@ -187,6 +190,10 @@ def build_model(checkpoint_payload: dict[str, Any]) -> torch.nn.Module:
         summary = " ".join(str(exc).split())[:300]
         raise CheckpointError(f"checkpoint weights do not fit its model: {summary}") from None
     return model.eval()
+
+
+build_model = model_from_checkpoint
+"""The old name of :func:`model_from_checkpoint` (kept for existing imports)."""
 
 
 def capture_rng_state() -> dict[str, Any]:

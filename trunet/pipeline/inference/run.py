@@ -1,0 +1,275 @@
+"""``trunet predict``: input discovery, one case from file to written prediction, and :func:`run_prediction`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from trunet.config import InferConfig, config_from_dict
+from trunet.data.cases import read_datalist
+from trunet.data.datasets import unwrap_data_errors
+from trunet.errors import CheckpointError, ConfigError, DataError, TrunetError
+from trunet.io import case_id_from_path, is_image_path, read_header, save_cine_like, strip_image_suffix
+from trunet.pipeline.checkpoint import load_checkpoint, model_from_checkpoint
+from trunet.pipeline.inference.postprocess import keep_largest_components, probabilities_to_labels
+from trunet.pipeline.inference.predictor import Predictor, resolve_device
+from trunet.transforms.compose import inference_transforms, invert_prediction
+
+__all__ = ["InputCase", "find_inputs", "run_prediction"]
+
+logger = logging.getLogger(__name__)
+
+
+_SKIP_NAME = re.compile(r"(_gt|_seg|_prob(_.*)?|_frame\d+)$", re.IGNORECASE)
+"""Names (without suffixes) a folder search never takes as input: labels, predictions, per-frame files."""
+
+
+@dataclass(frozen=True)
+class InputCase:
+    """One scan to segment: ``image`` is a file (or a per-frame folder named in a datalist)."""
+
+    case_id: str
+    image: Path
+
+
+def _datalist_cases(path: Path) -> list[InputCase]:
+    """The datalist's ``test`` list, or every list when it has none (parsed by :func:`read_datalist`)."""
+    lists = read_datalist(path)
+    records = lists.test or lists.all()
+    return [InputCase(str(record["case_id"]), Path(record["image"])) for record in records]
+
+
+def _folder_cases(folder: Path, output_dir: Path, allow_3d: bool) -> list[InputCase]:
+    cases, skipped_3d = [], 0
+    out = output_dir.resolve()
+    for path in sorted(folder.rglob("*"), key=lambda p: str(p)):
+        if not path.is_file() or not is_image_path(path) or path.name.startswith("."):
+            continue
+        if _SKIP_NAME.search(strip_image_suffix(path.name)) or out in path.resolve().parents:
+            continue
+        if not allow_3d and read_header(path).ndim == 3:
+            skipped_3d += 1
+            continue
+        cases.append(InputCase(case_id_from_path(path), path))
+    if not cases:
+        detail = f" ({skipped_3d} 3D files skipped: a cine is (x, y, z, t))" if skipped_3d else ""
+        raise DataError(
+            folder, "no input images found (4D .nii.gz, .nii, .mha, .mhd or .nrrd, not named *_gt, *_seg, "
+            f"*_prob* or *_frameNN){detail}"
+        )
+    if skipped_3d:
+        logger.info("%s: skipped %d 3D files (per-frame images are not cines)", folder, skipped_3d)
+    return cases
+
+
+def find_inputs(inputs: Union[str, os.PathLike], output_dir: Union[str, os.PathLike], allow_3d: bool = False) -> list[InputCase]:
+    """The scans ``trunet predict`` segments.
+
+    Args:
+        inputs: one image file (4D; a 3D file only with ``allow_3d``); a folder, searched recursively for
+            image files (``.nii.gz``, ``.nii``, ``.mha``, ``.mhd``, ``.nrrd``, ``.nhdr``) except hidden files,
+            labels and earlier outputs (names ending ``_gt``, ``_seg``, ``_prob...``), ACDC per-frame files
+            (``_frameNN``), 3D images (unless ``allow_3d``) and anything under ``output_dir``; or a datalist
+            JSON: its ``test`` list, or every list when that is empty or missing (items are
+            ``{"image": ..., "case_id": ...}`` or bare paths, relative to the JSON's folder).
+        output_dir: where predictions go (excluded from a folder search).
+
+    Returns:
+        Cases with ids: a datalist's ``case_id``, else the file name without suffixes and a trailing ``_4d``.
+
+    Raises:
+        DataError: the input does not exist, no images found, or two inputs share a case id.
+    """
+    path = Path(inputs)
+    if not path.exists():
+        raise DataError(path, "input not found")
+    if path.is_dir():
+        cases = _folder_cases(path, Path(output_dir), allow_3d)
+    elif path.name.lower().endswith(".json"):
+        cases = _datalist_cases(path)
+        if not cases:
+            raise DataError(path, "the datalist lists no images")
+    else:
+        cases = [InputCase(case_id_from_path(path), path)]
+    seen: dict[str, Path] = {}
+    for case in cases:
+        if case.case_id in seen:
+            raise DataError(case.image, f"case id '{case.case_id}' is also the id of {seen[case.case_id]}; outputs would collide")
+        seen[case.case_id] = case.image
+    return cases
+
+
+def _output_paths(case: InputCase, output_dir: Path, classes: Sequence[str], probabilities: bool) -> list[Path]:
+    paths = [output_dir / f"{case.case_id}_seg.nii.gz"]
+    if probabilities:
+        for k, name in enumerate(classes):
+            safe = re.sub(r"[^A-Za-z0-9-]+", "-", str(name)).strip("-") or f"class{k}"
+            paths.append(output_dir / f"{case.case_id}_prob_{k}_{safe}.nii.gz")
+    return paths
+
+
+def _check_outputs(cases: Sequence[InputCase], output_dir: Path, classes: Sequence[str], probabilities: bool) -> None:
+    """Refuse to write over an input, or over an existing file that sits in an input's folder."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DataError(output_dir, "output must be a folder, this is a file")
+    inputs = {c.image.resolve() for c in cases}
+    input_dirs = {c.image.resolve().parent for c in cases}
+    out = output_dir.resolve()
+    for case in cases:
+        for target in _output_paths(case, output_dir, classes, probabilities):
+            if target.resolve() in inputs:
+                raise DataError(target, "is an input image; choose another --output folder")
+            if target.exists() and out in input_dirs:
+                raise DataError(
+                    target, "exists in the input folder and could be an input or a reference; choose another --output folder"
+                )
+
+
+def _check_checkpoint(payload: dict[str, Any], path: Path) -> dict[str, Any]:
+    preprocessing = payload.get("preprocessing")
+    if not isinstance(preprocessing, dict):
+        raise CheckpointError(f"{path}: checkpoint has no preprocessing settings; it cannot be used for prediction")
+    missing = [k for k in ("patch_size", "time_window", "classes") if k not in preprocessing]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint preprocessing lacks {', '.join(missing)}")
+    if list(preprocessing["classes"]) != list(payload["classes"]):
+        raise CheckpointError(
+            f"{path}: inconsistent checkpoint: preprocessing classes {list(preprocessing['classes'])} differ from "
+            f"the model's {list(payload['classes'])}"
+        )
+    if payload["model_hparams"].get("in_channels", 1) != 1:
+        raise CheckpointError(
+            f"{path}: the model takes {payload['model_hparams']['in_channels']} channels per frame; cine MRI has 1"
+        )
+    return preprocessing
+
+
+def _infer_config(payload: dict[str, Any], path: Path, **overrides: Any) -> InferConfig:
+    saved = (payload.get("config") or {}).get("infer") or {}
+    try:
+        config = config_from_dict({"infer": saved}, source=f"{path} (infer settings)").infer
+    except TrunetError as exc:
+        raise CheckpointError(str(exc)) from None
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    if not 0.0 <= config.overlap < 1.0:
+        raise ConfigError(f"overlap must be in [0, 1), got {config.overlap}")
+    if config.sw_batch_size < 1:
+        raise ConfigError(f"sw_batch_size must be at least 1, got {config.sw_batch_size}")
+    return config
+
+
+def _predict_one(
+    case: InputCase,
+    predictor: Predictor,
+    transforms: Any,
+    output_dir: Path,
+    postprocess: bool,
+    save_probabilities: bool,
+) -> list[Path]:
+    header = read_header(case.image)
+    with unwrap_data_errors():  # MONAI's Compose wraps a DataError (NaN, truncated file) in a RuntimeError
+        data = transforms({"image": str(case.image), "case_id": case.case_id})
+    image = data["image"]
+    if image.dim() != 4:
+        raise DataError(case.image, f"preprocessed image has shape {tuple(image.shape)}; expected (T, X, Y, Z)")
+    frames, num_classes = image.shape[0], predictor.num_classes
+    probs = predictor.predict_case(image, description=case.case_id)[0].cpu()  # (T, K, x, y, z)
+    # back onto the scan's grid: probabilities are resampled (linear), then the arg-max is taken there
+    folded = probs.reshape(frames * num_classes, *probs.shape[2:])
+    del probs
+    inverted = invert_prediction(transforms, image, folded, nearest=False)
+    inverted = inverted.as_tensor() if hasattr(inverted, "as_tensor") else torch.as_tensor(inverted)
+    inverted = inverted.reshape(frames, num_classes, *inverted.shape[1:])
+    if tuple(inverted.shape[2:]) != header.spatial_shape or frames != header.n_frames:
+        raise RuntimeError(  # a bug in the transform chain, not a user error
+            f"{case.image}: inverted prediction {tuple(inverted.shape)} does not match the scan "
+            f"(T={header.n_frames}, {header.spatial_shape})"
+        )
+    labels = probabilities_to_labels(inverted)
+    if postprocess:
+        labels = keep_largest_components(labels, classes=range(1, num_classes))
+    targets = _output_paths(case, output_dir, predictor.classes, save_probabilities)
+    written = [save_cine_like(labels, case.image, targets[0], dtype=np.uint8)]
+    for k, target in enumerate(targets[1:]):
+        written.append(save_cine_like(inverted[:, k].numpy(), case.image, target, dtype=np.float32))
+    return written
+
+
+def run_prediction(
+    checkpoint: Union[str, os.PathLike],
+    inputs: Union[str, os.PathLike],
+    output_dir: Union[str, os.PathLike],
+    device: Union[str, torch.device, None] = None,
+    overlap: Optional[float] = None,
+    sw_batch_size: Optional[int] = None,
+    tta: Optional[bool] = None,
+    postprocess: Optional[bool] = None,
+    save_probabilities: bool = False,
+) -> list[Path]:
+    """Segment every frame of the input scans with a checkpoint (``trunet predict``).
+
+    Everything about the data (target spacing, normalisation, patch, time window, classes) comes from the
+    checkpoint; ``overlap``, ``sw_batch_size``, ``tta`` and ``postprocess`` override its ``infer`` settings
+    when not ``None``.
+
+    Args:
+        checkpoint: a ``.pt`` written by training (``RUN/checkpoints/best.pt``).
+        inputs: a 4D image file, a folder of them or a datalist JSON (see :func:`find_inputs`).
+        output_dir: created if missing. For each case ``<case_id>_seg.nii.gz``: uint8 labels ``(x, y, z, t)``
+            on the scan's exact grid (shape, affine, header, time step). With ``save_probabilities`` also
+            ``<case_id>_prob_<k>_<class>.nii.gz`` per class ``k``: float32 softmax probabilities
+            ``(x, y, z, t)`` on the same grid (NIfTI-1 has no float16; one 4D file per class opens in any
+            viewer, a 5D file would not).
+        device: ``cpu``, ``cuda`` or ``cuda:N``; default CUDA when available.
+        tta: mirroring test-time augmentation.
+        postprocess: keep the largest component per class and frame.
+
+    Returns:
+        The written files, in case order. Each file is written atomically; nothing is written over an input.
+
+    Raises:
+        CheckpointError: missing, corrupt or incompatible checkpoint.
+        DataError: no inputs, unreadable input, wrong dimensionality, an output that would overwrite an input.
+    """
+    ckpt = Path(checkpoint)
+    payload = load_checkpoint(ckpt)
+    preprocessing = _check_checkpoint(payload, ckpt)
+    config = _infer_config(payload, ckpt, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, postprocess=postprocess)
+    allow_3d = bool(preprocessing.get("allow_3d", False))
+    out_dir = Path(output_dir)
+    cases = find_inputs(inputs, out_dir, allow_3d=allow_3d)
+    classes = list(preprocessing["classes"])
+    _check_outputs(cases, out_dir, classes, save_probabilities)
+    for case in cases:
+        meta = read_header(case.image)
+        if meta.ndim == 3 and not allow_3d:
+            raise DataError(case.image, f"is a 3D image {meta.spatial_shape}; a cine (x, y, z, t) is expected")
+
+    model = model_from_checkpoint(payload)
+    dev = resolve_device(device, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    predictor = Predictor(model, preprocessing, config, device=dev, progress=True)
+    transforms = inference_transforms(preprocessing)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for case in cases:
+        start = time.perf_counter()
+        files = _predict_one(case, predictor, transforms, out_dir, config.postprocess, save_probabilities)
+        meta = read_header(case.image)
+        logger.info(
+            "%s: %s x %d frames, %.1f s on %s%s -> %s",
+            case.case_id, "x".join(str(s) for s in meta.spatial_shape), meta.n_frames, time.perf_counter() - start,
+            dev, " (TTA)" if config.tta else "", files[0],
+        )
+        written.extend(files)
+    return written

@@ -1,0 +1,29 @@
+"""Mixed precision: the one decision of the autocast dtype, shared by training, inference and planning."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+__all__ = ["autocast_dtype", "autocast"]
+
+
+def autocast_dtype(device: torch.device | str, amp: bool = True) -> Optional[torch.dtype]:
+    """The autocast dtype: bf16 where the device supports it (CPU included), else fp16; None = AMP off."""
+    device = torch.device(device)
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16
+    return torch.float16 if torch.amp.autocast_mode.is_autocast_available(device.type) else None
+
+
+def autocast(device: torch.device | str, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device`` with ``dtype``; a no-op context when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
