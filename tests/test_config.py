@@ -78,3 +78,22 @@ def test_save_roundtrip(tmp_path, configs_dir):
     again = config_from_dict(yaml.safe_load(path.read_text()), str(path))
     assert again == config
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_patch_is_checked_against_the_model_when_the_config_loads(configs_dir):
+    with pytest.raises(ConfigError) as info:
+        load_config(configs_dir / "tiny.yaml", ["train.patch_size=[30,32,4]"])  # tiny: size divisor (4, 4, 2)
+    message = str(info.value)
+    assert "'train.patch_size' [30, 32, 4] does not fit the model" in message and "(4, 4, 2)" in message
+    assert "X=30 is not a multiple of 4 (nearest that work: 28 or 32)" in message
+    assert config_from_dict({"model": {"strides": [[2, 2, 1]] * 4}}).model.size_divisor == (16, 16, 1)
+
+
+def test_config_for_model_takes_the_patch_from_the_model():
+    from trunet.config import config_for_model
+
+    model = {"channels": [4, 8, 16, 32, 64, 128, 256], "strides": [[2, 2, 1]] * 6}  # divisor 64: no default
+    with pytest.raises(ConfigError):
+        config_from_dict({"model": model})  # the default patch (160, 160, 8) does not fit
+    config = config_for_model(model, "checkpoint", data={"classes": ["bg", "LV"]})
+    assert config.train.patch_size == (64, 64, 1) and config.data.classes == ["bg", "LV"]

@@ -272,6 +272,24 @@ def test_run_evaluation_writes_finite_reports(tmp_path, caplog):
     assert "LV EF bias" in caplog.text and "Dice ED" in caplog.text
 
 
+def test_acdc_references_are_found_as_training_finds_them(tmp_path):
+    """ACDC discovery is shared with training: patients under training/ and testing/ count too."""
+    from trunet.data.cases import read_acdc_root
+
+    acdc = tmp_path / "acdc"
+    for part, cid in (("training", "patient001"), ("testing", "patient101"), ("", "patient002")):
+        case = acdc / part / cid
+        case.mkdir(parents=True)
+        (case / "Info.cfg").write_text("ED: 1\nES: 5\nNbFrame: 8\n")
+        for f in (0, 4):
+            _save(case / f"{cid}_frame{f + 1:02d}_gt.nii.gz", _heart(f))
+    refs = find_references(acdc)
+    assert sorted(refs) == ["patient001", "patient002", "patient101"]
+    assert refs["patient101"].label == {0: str(acdc / "testing/patient101/patient101_frame01_gt.nii.gz"),
+                                        4: str(acdc / "testing/patient101/patient101_frame05_gt.nii.gz")}
+    assert sorted(refs) == sorted(c["case_id"] for c in read_acdc_root(acdc).all())
+
+
 def test_reference_layouts_missing_reference_and_empty_prediction(tmp_path, caplog):
     pred_dir, ref_dir, _ = _write_cases(tmp_path, ids=("patient001", "patient002", "patient003"),
                                         empty_pred="patient002")
