@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trunet.pipeline.training.optim import build_scheduler, poly_lr_lambda
+from trunet.pipeline.training.optim import build_scheduler, load_scheduler_state, poly_lr_lambda
 
 PACKAGE = Path(__file__).resolve().parents[1] / "trunet"
 
@@ -159,6 +159,24 @@ def test_schedule_is_the_poly_curve(total, warmup, power):
         assert resumed_opt.param_groups[0]["lr"] == pytest.approx(0.01 * factor(step), rel=1e-12, abs=1e-18)
         resumed_opt.step()
         resumed.step()
+
+
+def test_a_checkpoint_of_the_former_lambda_schedule_resumes_on_the_same_curve():
+    total, warmup, power = 40, 5, 0.9
+    factor = poly_lr_lambda(total, warmup, power)
+    old_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01, momentum=0.9)
+    old = torch.optim.lr_scheduler.LambdaLR(old_opt, factor)
+    for _ in range(17):
+        old_opt.step()
+        old.step()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01, momentum=0.9)
+    sched = build_scheduler(opt, total, warmup, power)
+    load_scheduler_state(sched, old.state_dict())
+    opt.load_state_dict(old_opt.state_dict())
+    for step in range(17, total + 2):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * factor(step), rel=1e-12, abs=1e-18), step
+        opt.step()
+        sched.step()
 
 
 @pytest.mark.parametrize("module", [

@@ -10,13 +10,14 @@ torch's schedulers update the rate multiplicatively).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LinearLR, LRScheduler, PolynomialLR, SequentialLR
 
-__all__ = ["build_optimizer", "build_scheduler", "poly_lr_lambda"]
+__all__ = ["build_optimizer", "build_scheduler", "load_scheduler_state", "poly_lr_lambda"]
 
 
 def build_optimizer(model: nn.Module, t: Any) -> torch.optim.Optimizer:
@@ -39,6 +40,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0,
                       total_iters=max(1, warmup_steps - 1))
     return SequentialLR(optimizer, [warmup, poly], milestones=[warmup_steps])
+
+
+def load_scheduler_state(scheduler: LRScheduler, state: dict[str, Any]) -> None:
+    """Load ``state`` into ``scheduler`` (made by :func:`build_scheduler`).
+
+    A checkpoint written before the schedule was built from torch's schedulers holds the state of a
+    ``LambdaLR`` over :func:`poly_lr_lambda`; it is replayed instead: the fresh schedule is stepped to the
+    saved step. Call this before the optimizer's ``load_state_dict``, which then restores the saved rate.
+    """
+    if "lr_lambdas" not in state:
+        scheduler.load_state_dict(state)
+        return
+    with warnings.catch_warnings():  # stepping a schedule without optimizer steps warns; here it is the point
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(int(state["last_epoch"])):
+            scheduler.step()
 
 
 def poly_lr_lambda(total_steps: int, warmup_steps: int, power: float) -> Callable[[int], float]:

@@ -54,7 +54,7 @@ from trunet.pipeline.training.debug import (
 from trunet.pipeline.training.distributed import DistContext
 from trunet.pipeline.training.loaders import build_eval_dataset, build_train_loader
 from trunet.pipeline.training.losses import build_criterion
-from trunet.pipeline.training.optim import build_optimizer, build_scheduler
+from trunet.pipeline.training.optim import build_optimizer, build_scheduler, load_scheduler_state
 from trunet.pipeline.training.resume import check_resume_config
 from trunet.pipeline.training.signals import QuietWorkerInit, StopRequest, TrainingInterrupted
 from trunet.pipeline.training.tracking import Tracker
@@ -196,8 +196,8 @@ class Trainer:
         check_resume_config(payload.get("config", {}), self.config.to_dict(), str(self.latest_path))
         try:
             self.model.load_state_dict(payload["model_state"])
+            load_scheduler_state(self.scheduler, payload["scheduler"])  # before the optimizer: see there
             self.optimizer.load_state_dict(payload["optimizer"])
-            self.scheduler.load_state_dict(payload["scheduler"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise TrunetError(f"{self.latest_path}: cannot resume from this checkpoint: {exc}") from None
         if payload.get("scaler") and self.scaler.is_enabled():
