@@ -187,7 +187,7 @@ class InferConfig:
     time_overlap: int = 2  # frames shared by consecutive time windows of a long series
     tta: bool = False
     postprocess: bool = True
-    cyclic: bool = True  # a cine is one heartbeat: wrap frames around its ends so the first and last see neighbours
+    cyclic: bool = False  # the cine is one heartbeat: wrap frames around its ends so the first and last see neighbours
     cpu_stitch_voxels: int = 64_000_000  # stitch on the CPU above this many output voxels
 
 

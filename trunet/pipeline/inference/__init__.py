@@ -52,11 +52,12 @@ least the training window), consecutive windows sharing ``c = infer.time_overlap
 A series that fits in one window (``T <= W``) goes through in a single pass, exactly as with
 ``time_window=None``.
 
-*The cycle* (``infer.cyclic``, on by default): a cine is one heartbeat, so the frame after the last is the
-first. Before the passes above, the series is wrapped: the last ``k`` frames are put in front of frame 0
-(``k`` = the training window, at most ``T - 1``), and for a bidirectional model the first ``k`` frames after
-the last, and only the original ``T`` frames are returned. End-diastole (frame 0 in ACDC) then has a past,
-and the last frames a future, as every other frame has. Turn it off for a series that is not one cycle.
+*The cycle* (``infer.cyclic``, off by default; part of the time recipe in BENCHMARKS.md): a cine is one
+heartbeat, so the frame after the last is the first. Before the passes above, the series is wrapped: the
+last ``k`` frames are put in front of frame 0 (``k`` = the training window, at most ``T - 1``), and for a
+bidirectional model the first ``k`` frames after the last, and only the original ``T`` frames are returned.
+End-diastole (frame 0 in ACDC) then has a past, and the last frames a future, as every other frame has.
+Leave it off for a series that is not one whole cycle.
 
 Mirroring TTA (``infer.tta``) averages the probabilities of the four in-plane mirrorings (none, x, y, xy)
 inside each window, as nnU-Net does; the slice axis is not mirrored (apex and base differ).
