@@ -122,6 +122,7 @@ def corrupt_cine(
     spacing: Sequence[float],
     rng: np.random.Generator,
     time_axis: int = 0,
+    neighbour_phases: tuple[int, int] = (2, 4),
 ) -> tuple[np.ndarray, list[dict]]:
     """Corrupt ``frames`` of a cine, each with a kind drawn from ``kinds`` and a strength drawn uniformly
     from ``strength``.
@@ -132,11 +133,12 @@ def corrupt_cine(
         frames: 0-based frames to corrupt.
         kinds, strength, spacing, rng: see :func:`corrupt_frame`.
         time_axis: the time axis of ``image``.
+        neighbour_phases: ``(lo, hi)``: a ``misaligned`` frame takes its slices from a frame ``lo..hi``
+            phases before or after it (cyclically; the clean frame, not a corrupted one).
 
     Returns:
         ``(corrupted copy (float32, same layout), records)``, one record ``{"frame", "kind", "strength"}``
-        per corrupted frame. A ``misaligned`` frame takes its slices from a frame 2-4 phases away
-        (cyclically).
+        per corrupted frame.
     """
     cine = np.moveaxis(np.asarray(image, dtype=np.float32), time_axis, 0)
     out = cine.copy()
@@ -147,7 +149,8 @@ def corrupt_cine(
             raise ValueError(f"frame {t} is outside the cine's {n} frames")
         kind = str(kinds[int(rng.integers(0, len(kinds)))])
         s = float(rng.uniform(*strength))
-        other = cine[(t + int(rng.choice([-1, 1])) * int(rng.integers(2, 5))) % n]
+        step = int(rng.choice([-1, 1])) * int(rng.integers(neighbour_phases[0], neighbour_phases[1] + 1))
+        other = cine[(t + step) % n]
         out[t] = corrupt_frame(cine[t], kind, s, spacing, rng, neighbour=other)
         records.append({"frame": t, "kind": kind, "strength": round(s, 3)})
     return np.moveaxis(out, 0, time_axis), records

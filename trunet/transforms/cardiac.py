@@ -31,7 +31,7 @@ from monai.data import MetaTensor
 from monai.transforms import Affine, MapTransform, Randomizable, SpatialCrop, SpatialPad
 from monai.transforms.utils import generate_pos_neg_label_crop_centers
 
-from trunet.data.artefacts import CORRUPTIONS, corrupt_frame
+from trunet.data.artefacts import CORRUPTIONS, corrupt_cine
 from trunet.io import case_id_from_path, load_cine, load_label
 
 __all__ = [
@@ -342,13 +342,9 @@ class RandCorruptFramesd(Randomizable, MapTransform):
         for key in self.key_iterator(d):
             img = d[key]
             values = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
-            out = values.astype(np.float32, copy=True)
-            n = values.shape[0]
-            for t in self.frames:
-                kind = self.kinds[self._rng.integers(len(self.kinds))]
-                strength = float(self._rng.uniform(*self.strength_range))
-                other = values[(t + int(self._rng.choice([-1, 1])) * int(self._rng.integers(1, 3))) % n]
-                out[t] = corrupt_frame(values[t], kind, strength, self.spacing, self._rng, neighbour=other)
+            # a window holds only a few frames: a misaligned slice comes from the next or second-next one
+            out, _ = corrupt_cine(values, self.frames, self.kinds, self.strength_range, self.spacing, self._rng,
+                                  neighbour_phases=(1, 2))
             if isinstance(img, torch.Tensor):
                 new = img.clone()
                 new.copy_(torch.from_numpy(out).to(img.dtype))
