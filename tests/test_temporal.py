@@ -161,7 +161,6 @@ def _disc_batch(generator: torch.Generator, batch: int, frames: int = 5):
         lab = lab[..., None].expand(frames, 16, 16, 2)
         img = lab.float() + 0.1 * torch.randn(lab.shape, generator=generator)
         bad = int(torch.randint(frames, (1,), generator=generator))
-        corrupt.prob = 1.0
         corrupt.set_random_state(int(torch.randint(2**31 - 1, (1,), generator=generator)))
         spoiled = corrupt({"image": img[bad : bad + 1]})["image"]
         img = torch.cat([img[:bad], spoiled, img[bad + 1 :]])
