@@ -7,14 +7,24 @@ architecture of ``configs/default.yaml`` with random weights (speed does not dep
 is synthetic (a pulsing bright ellipse in noise), by default 30 frames of 256 x 216 x 10 voxels at
 1.5 x 1.5 x 10 mm, the size of an ACDC cine, with the target spacing equal to the scan's.
 
-Each setting (without / with mirroring TTA) runs in a fresh process, so the peak resident memory
-(``ru_maxrss``, which counts torch's allocations, unlike ``tracemalloc``) belongs to that setting alone.
+Paths compared in one run (``--paths``):
+
+* ``before``: the path before streaming: float32 on the CPU, and a causal model's series cut into time
+  windows whose shared context frames are recomputed (45 frame-passes for 30 frames);
+* ``float32``: float32, the series streamed with the ConvLSTM state carried from chunk to chunk, which
+  equals one pass over all frames (the label reference);
+* ``fast``: what ``trunet predict`` does by default: streamed, bf16 autocast on a CPU with bf16 instructions.
+
+Each (path, TTA) setting runs in a fresh process, so the peak resident memory (``ru_maxrss``, which counts
+torch's allocations, unlike ``tracemalloc``) belongs to that setting alone. Each setting's labels are compared
+with the ``float32`` labels of the same TTA setting where that ran: the agreement is the fraction of voxels
+(all frames) with the same label.
 
 Usage::
 
-    python benchmarks/bench_infer.py                      # 30 x 256 x 216 x 10, TTA off and on, CPU
+    python benchmarks/bench_infer.py                      # 30 x 256 x 216 x 10, all paths, TTA off; fast with TTA
     python benchmarks/bench_infer.py --device cuda        # on a GPU (adds peak CUDA memory)
-    python benchmarks/bench_infer.py --frames 2 --tta off # a quick check that it runs
+    python benchmarks/bench_infer.py --frames 2 --settings fast:off  # a quick check that it runs
 
 Prints the command, the machine, the date and one line per setting.
 """
@@ -88,6 +98,16 @@ def worker(args: argparse.Namespace) -> None:
 
     predict_seconds = []
     original = infer.Predictor.predict_case
+    original_init = infer.Predictor.__init__
+
+    def init(self, *a, **kw):  # the path under test
+        original_init(self, *a, **kw)
+        if args.path in ("before", "float32"):
+            self.amp_on_cpu = False
+        if args.path == "before":
+            self.streaming = False  # time windows with recomputed context, as before streaming
+
+    infer.Predictor.__init__ = init
 
     def timed(self, image, description=None):  # time the network part alone as well
         start = time.perf_counter()
@@ -105,6 +125,7 @@ def worker(args: argparse.Namespace) -> None:
     )
     seconds = time.perf_counter() - start
     record = {
+        "path": args.path,
         "tta": args.tta,
         "seconds": round(seconds, 2),
         "predict_seconds": round(sum(predict_seconds), 2),
@@ -126,18 +147,22 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 10.0], metavar=("SX", "SY", "SZ"))
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.yaml")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tta", default="off,on", help="comma-separated settings to run: off, on")
+    parser.add_argument("--settings", default="before:off,float32:off,fast:off,fast:on",
+                        help="comma-separated PATH:TTA settings to run, PATH in before, float32, fast; TTA off or on")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--tta", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
 
     import monai
+    import nibabel as nib
     import torch
 
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
@@ -157,22 +182,37 @@ def main() -> None:
         print(f"infer:   patch {list(config.train.patch_size)}, overlap {config.infer.overlap}, "
               f"sw_batch_size {config.infer.sw_batch_size}, time window 'auto' (training window "
               f"{config.train.time_window}, time_overlap {config.infer.time_overlap}), largest-component post-processing")
-        for setting in [s.strip() for s in args.tta.split(",") if s.strip()]:
+        settings = [tuple(s.strip().split(":")) for s in args.settings.split(",") if s.strip()]
+        if any(len(s) != 2 or s[0] not in ("before", "float32", "fast") or s[1] not in ("off", "on") for s in settings):
+            raise SystemExit(f"--settings: expected PATH:TTA items (before|float32|fast):(off|on), got {args.settings!r}")
+        labels: dict[tuple[str, str], np.ndarray] = {}
+        results = []
+        for path, tta in settings:
+            out = folder / f"out-{path}-{tta}"
             cmd = [sys.executable, __file__, "--worker", "--checkpoint", str(checkpoint), "--image", str(image),
-                   "--out", str(folder / f"out-{setting}"), "--device", args.device, "--tta", setting,
+                   "--out", str(out), "--device", args.device, "--path", path, "--tta", tta,
                    "--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 print(proc.stdout + proc.stderr, file=sys.stderr)
-                raise SystemExit(f"setting tta={setting} failed (exit {proc.returncode})")
+                raise SystemExit(f"setting {path}:{tta} failed (exit {proc.returncode})")
             r = json.loads(lines[-1][len("RESULT "):])
             r["load"] = os.getloadavg()[1]  # 5-minute load average at the end: other jobs on the machine
+            labels[(path, tta)] = np.asarray(nib.load(out / r["written"][0]).dataobj)
+            results.append(r)
             cuda = f", peak CUDA {r['peak_cuda_mb']:.0f} MB on {r['gpu']}" if "peak_cuda_mb" in r else ""
-            print(f"tta={setting:3s}: {r['seconds']:8.1f} s end to end ({r['predict_seconds']:.1f} s in the predictor), "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB (before run_prediction {r['rss_before_mb']:.0f} MB), "
+            print(f"{path:7s} tta={tta:3s}: {r['seconds']:8.1f} s end to end ({r['predict_seconds']:.1f} s in the "
+                  f"predictor), peak RSS {r['peak_rss_mb']:.0f} MB (before run_prediction {r['rss_before_mb']:.0f} MB), "
                   f"{r['threads']} torch threads, load average {r['load']:.1f}{cuda}", flush=True)
-
+        print()
+        print("| path | TTA | seconds | predictor s | peak RSS GB | labels equal to float32 |")
+        print("|---|---|---|---|---|---|")
+        for r in results:
+            ref = labels.get(("float32", r["tta"]))
+            agree = f"{100 * np.mean(labels[(r['path'], r['tta'])] == ref):.3f}%" if ref is not None else "(no reference)"
+            print(f"| {r['path']} | {r['tta']} | {r['seconds']:.1f} | {r['predict_seconds']:.1f} | "
+                  f"{r['peak_rss_mb'] / 1024:.2f} | {agree} |")
 
 if __name__ == "__main__":
     main()

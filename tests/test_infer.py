@@ -23,6 +23,11 @@ from trunet.pipeline.inference.postprocess import keep_largest_components, proba
 from trunet.transforms.compose import preprocessing_from_config
 
 CLASSES = ["background", "RV", "MYO", "LV"]
+
+
+def F32(**overrides) -> InferConfig:
+    """Inference in float32 on any CPU: these tests compare against float32 references to 1e-6."""
+    return InferConfig(cpu_bf16=False, **overrides)
 TRAIN_ITERATIONS, TRAIN_LR = 50, 0.01  # the end-to-end test's training (see its docstring)
 
 
@@ -87,7 +92,7 @@ def test_time_windows_whole_series():
 def test_sliding_window_equals_whole_volume_when_one_window_covers_the_image():
     model = tiny_model()
     image = torch.randn(1, 5, 8, 8, 2)  # exactly the patch: one window, Gaussian weights cancel
-    predictor = Predictor(model, preprocessing(), InferConfig(overlap=0.5, cyclic=False))
+    predictor = Predictor(model, preprocessing(), F32(overlap=0.5, cyclic=False))
     probs = predictor.predict_case(image)
     assert probs.shape == (1, 5, 4, 8, 8, 2) and probs.dtype == torch.float32
     torch.testing.assert_close(probs, reference(model, image), rtol=0, atol=1e-6)
@@ -99,7 +104,7 @@ def test_sliding_window_equals_whole_volume_when_one_window_covers_the_image():
 def test_sliding_window_on_a_larger_image_is_a_blend_of_patch_predictions():
     model = tiny_model(clstm_levels=[])  # per-frame UNet: frames are independent
     image = torch.randn(1, 3, 20, 12, 3)  # larger than the patch in x, y, z; z pads nothing
-    predictor = Predictor(model, preprocessing(), InferConfig(overlap=0.5, sw_batch_size=3))
+    predictor = Predictor(model, preprocessing(), F32(overlap=0.5, sw_batch_size=3))
     probs = predictor.predict_case(image)
     assert probs.shape == (1, 3, 4, 20, 12, 3)
     torch.testing.assert_close(probs.sum(2), torch.ones(1, 3, 20, 12, 3))
@@ -111,11 +116,11 @@ def test_sliding_window_on_a_larger_image_is_a_blend_of_patch_predictions():
 def test_time_windows_agree_with_a_single_pass_where_the_series_fits():
     model = tiny_model()
     image = torch.randn(1, 4, 8, 8, 2)
-    single = Predictor(model, preprocessing(), InferConfig(cyclic=False), time_window=None).predict_case(image)
+    single = Predictor(model, preprocessing(), F32(cyclic=False), time_window=None).predict_case(image)
     for window in (4, 6):  # the series fits in one window
-        windowed = Predictor(model, preprocessing(), InferConfig(cyclic=False), time_window=window).predict_case(image)
+        windowed = Predictor(model, preprocessing(), F32(cyclic=False), time_window=window).predict_case(image)
         torch.testing.assert_close(windowed, single, rtol=0, atol=0)
-    auto = Predictor(model, preprocessing(), InferConfig(cyclic=False)).predict_case(image)  # "auto": one pass
+    auto = Predictor(model, preprocessing(), F32(cyclic=False)).predict_case(image)  # "auto": one pass
     torch.testing.assert_close(auto, single, rtol=0, atol=0)
 
 
@@ -125,7 +130,7 @@ def test_time_windows_blend_exactly_for_a_frame_independent_model():
     image = torch.randn(1, 11, 8, 8, 2)
     single = reference(model, image)
     for causal_flag in (True, False):
-        predictor = Predictor(model, preprocessing(), InferConfig(time_overlap=2), time_window=4)
+        predictor = Predictor(model, preprocessing(), F32(time_overlap=2), time_window=4)
         predictor.causal = causal_flag
         torch.testing.assert_close(predictor.predict_case(image), single, rtol=0, atol=1e-6)
 
@@ -136,7 +141,7 @@ def test_cyclic_inference_equals_a_pass_over_the_wrapped_series(bidirectional):
     future is its start). The wrapped frames are context only; the frames returned are the series'."""
     model = tiny_model(bidirectional=bidirectional)
     image = torch.randn(1, 6, 8, 8, 2)
-    predictor = Predictor(model, preprocessing(time_window=3), InferConfig(cyclic=True))
+    predictor = Predictor(model, preprocessing(time_window=3), F32(cyclic=True))
     assert predictor.cyclic_padding(6) == (3, 3 if bidirectional else 0)
     assert predictor.cyclic_padding(2) == (1, 1 if bidirectional else 0)  # never more than T - 1 frames
     before, after = predictor.cyclic_padding(6)
@@ -146,40 +151,58 @@ def test_cyclic_inference_equals_a_pass_over_the_wrapped_series(bidirectional):
     assert probs.shape == (1, 6, 4, 8, 8, 2)
     torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
     # and it is not the one-pass result: frame 0 now has a past
-    plain = Predictor(model, preprocessing(time_window=3), InferConfig(cyclic=False)).predict_case(image)
+    plain = Predictor(model, preprocessing(time_window=3), F32(cyclic=False)).predict_case(image)
     assert not torch.allclose(probs[:, 0], plain[:, 0], atol=1e-4)
 
 
 def test_cyclic_inference_leaves_a_frame_by_frame_model_unchanged():
     model = tiny_model(clstm_levels=[])
     image = torch.randn(1, 5, 8, 8, 2)
-    cyclic = Predictor(model, preprocessing(), InferConfig(cyclic=True)).predict_case(image)
+    cyclic = Predictor(model, preprocessing(), F32(cyclic=True)).predict_case(image)
     torch.testing.assert_close(cyclic, reference(model, image), rtol=0, atol=1e-6)
 
 
-def test_a_long_series_through_time_windows_is_sensible():
+def test_a_streamed_series_equals_one_pass_for_a_causal_model():
+    """A causal model carries its ConvLSTM state from chunk to chunk: exact, however the series is cut."""
     model = tiny_model()
     image = torch.randn(1, 10, 8, 8, 2)
     single = reference(model, image)
-    windowed = Predictor(model, preprocessing(), InferConfig(time_overlap=2, cyclic=False),
-                         time_window=4).predict_case(image)
+    for window in (1, 3, 4):
+        predictor = Predictor(model, preprocessing(), F32(cyclic=False), time_window=window)
+        assert predictor.streaming and predictor.frames_per_pass(10) == window
+        torch.testing.assert_close(predictor.predict_case(image), single, rtol=0, atol=1e-5)
+    # auto mode streams in chunks of the stream budget, which may be shorter than the training window
+    predictor = Predictor(model, preprocessing(time_window=3), F32(cyclic=False), stream_voxel_budget=8 * 8 * 2 * 2)
+    assert predictor.frames_per_pass(10) == 2 and predictor.frames_per_pass(2) is None
+    torch.testing.assert_close(predictor.predict_case(image), single, rtol=0, atol=1e-5)
+    # with TTA every mirroring streams on its own
+    tta = Predictor(model, preprocessing(), F32(cyclic=False, tta=True), time_window=3).predict_case(image)
+    one_pass = Predictor(model, preprocessing(), F32(cyclic=False, tta=True), time_window=None).predict_case(image)
+    torch.testing.assert_close(tta, one_pass, rtol=0, atol=1e-5)
+
+
+def test_a_long_series_through_time_windows_is_sensible_for_a_bidirectional_model():
+    model = tiny_model(bidirectional=True)
+    image = torch.randn(1, 10, 8, 8, 2)
+    single = reference(model, image)
+    predictor = Predictor(model, preprocessing(), F32(time_overlap=2, cyclic=False), time_window=4)
+    assert not predictor.streaming
+    windowed = predictor.predict_case(image)
     assert windowed.shape == single.shape
     assert torch.isfinite(windowed).all()
     torch.testing.assert_close(windowed.sum(2), torch.ones(1, 10, 8, 8, 2))
-    # the causal model's first window sees exactly what the single pass sees
-    torch.testing.assert_close(windowed[:, :4], single[:, :4], rtol=0, atol=1e-6)
-    # later frames have 2 frames of warm-up instead of the whole past: close, not identical
-    assert not torch.equal(windowed[:, 4:], single[:, 4:])
+    # windows lack the frames outside them: close to the single pass, not identical
+    assert not torch.equal(windowed, single)
     assert (windowed - single).abs().mean() < 0.1
     # auto mode with a tiny budget falls back to time windows of at least the training window
-    predictor = Predictor(model, preprocessing(time_window=3), InferConfig(), pass_voxel_budget=8 * 8 * 2 * 5)
+    predictor = Predictor(model, preprocessing(time_window=3), F32(), pass_voxel_budget=8 * 8 * 2 * 5)
     assert predictor.frames_per_pass(10) == 5 and predictor.frames_per_pass(5) is None
 
 
 def test_tta_is_the_average_of_the_mirrored_passes_and_flip_equivariant():
     model = tiny_model()
     image = torch.randn(1, 3, 8, 8, 2)
-    tta = Predictor(model, preprocessing(), InferConfig(tta=True, cyclic=False)).predict_case(image)
+    tta = Predictor(model, preprocessing(), F32(tta=True, cyclic=False)).predict_case(image)
     expected = torch.zeros_like(tta)
     for dims in [(), (2,), (3,), (2, 3)]:  # x, y of (1, T, X, Y, Z)
         flipped = image.flip(dims) if dims else image
@@ -188,15 +211,15 @@ def test_tta_is_the_average_of_the_mirrored_passes_and_flip_equivariant():
     torch.testing.assert_close(tta, expected / 4, rtol=0, atol=1e-6)
     # TTA over the mirror group makes the prediction mirror-equivariant; a single pass is not
     for dims in [(2,), (3,)]:
-        mirrored = Predictor(model, preprocessing(), InferConfig(tta=True, cyclic=False)).predict_case(image.flip(dims))
+        mirrored = Predictor(model, preprocessing(), F32(tta=True, cyclic=False)).predict_case(image.flip(dims))
         torch.testing.assert_close(mirrored, tta.flip([d + 1 for d in dims]), rtol=0, atol=1e-6)
-    plain = Predictor(model, preprocessing(), InferConfig(tta=False))
+    plain = Predictor(model, preprocessing(), F32(tta=False))
     assert not torch.allclose(plain.predict_case(image.flip((2,))), plain.predict_case(image).flip((3,)), atol=1e-4)
 
 
 def test_predictor_restores_training_mode_and_checks_channels():
     model = tiny_model().train()
-    predictor = Predictor(model, preprocessing(), InferConfig())
+    predictor = Predictor(model, preprocessing(), F32())
     predictor.predict_case(torch.randn(1, 2, 8, 8, 2))
     assert model.training
     with pytest.raises(DataError, match="channel"):
@@ -206,7 +229,7 @@ def test_predictor_restores_training_mode_and_checks_channels():
 
 
 def test_large_outputs_are_stitched_on_the_cpu():
-    predictor = Predictor(tiny_model(), preprocessing(), InferConfig(cpu_stitch_voxels=1000))
+    predictor = Predictor(tiny_model(), preprocessing(), F32(cpu_stitch_voxels=1000))
     assert predictor.stitch_device(5, (8, 8, 2)).type == "cpu"  # 5 * 4 * 128 > 1000
     assert predictor.stitch_device(1, (8, 8, 2)) == predictor.device
 
@@ -413,7 +436,8 @@ def _dice(pred: np.ndarray, ref: np.ndarray, k: int) -> float:
 
 @pytest.mark.slow
 def test_a_tiny_trained_model_segments_fresh_phantom_cases(tmp_path, configs_dir):
-    """Train briefly on phantom cases (50 steps), predict a case from another seed, compare with its labels.
+    """Train briefly on phantom cases (50 steps), predict a case from another seed, compare with its labels;
+    bf16 and float32 inference agree on >= 99.5% of the voxels.
 
     The slowest test here: ~3 min on the busy shared 2-core VM, where one step of this tiny model took 1-9 s.
     """
@@ -432,7 +456,11 @@ def test_a_tiny_trained_model_segments_fresh_phantom_cases(tmp_path, configs_dir
     run = run_training(config, run_dir=tmp_path / "run")
     checkpoint = run / "checkpoints" / "best.pt"
 
-    (seg,) = run_prediction(checkpoint, fresh_list, tmp_path / "pred", device="cpu")
+    (seg,) = run_prediction(checkpoint, fresh_list, tmp_path / "pred", device="cpu", cpu_bf16=True)
+    (seg_f32,) = run_prediction(checkpoint, fresh_list, tmp_path / "pred-f32", device="cpu", cpu_bf16=False)
+    # the bf16 path (the default on CPUs with bf16 instructions) gives the float32 masks
+    agreement = np.mean(np.asarray(nib.load(seg).dataobj) == np.asarray(nib.load(seg_f32).dataobj))
+    assert agreement >= 0.995, agreement
     (untrained,) = run_prediction(write_checkpoint(tmp_path / "random.pt", target_spacing=(4.0, 4.0, 8.0)),
                                   fresh_list, tmp_path / "pred-random", device="cpu")
     ref = np.asarray(nib.load(tmp_path / "fresh" / "patient001" / "patient001_4d_gt.nii.gz").dataobj)

@@ -123,3 +123,24 @@ def test_checkpointing_gives_equal_gradients(options):
     plain, recomputed = grads(False), grads(True)
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("reduction", [1, 4])
+def test_streaming_in_chunks_equals_one_forward(reduction):
+    """The ConvLSTM state carried from chunk to chunk gives the one-pass logits, and must be carried."""
+    torch.manual_seed(0)
+    net = TimeResolvedUNet(1, 4, channels=[4, 8, 8], strides=[(2, 2, 1), (2, 2, 1)], clstm_levels="all",
+                           clstm_reduction=reduction, peephole=True).eval()
+    x = torch.randn(2, 7, 1, 16, 16, 2)
+    with torch.no_grad():
+        whole = net(x)
+        parts, state = [], None
+        for start, stop in [(0, 3), (3, 4), (4, 7)]:
+            logits, state = net.forward_streaming(x[:, start:stop], state)
+            parts.append(logits)
+        assert set(state) == {"0", "1", "2"} and state["0"][0].shape == (2, max(1, 4 // reduction), 16, 16, 2)
+        torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=0, atol=1e-5)
+        restarted, _ = net.forward_streaming(x[:, 4:7])  # a zero state is not the carried one
+        assert not torch.allclose(restarted, whole[:, 4:7], atol=1e-4)
+    with pytest.raises(ValueError, match="causal"):
+        TimeResolvedUNet(1, 4, channels=[4, 8], strides=[(2, 2, 1)], bidirectional=True).forward_streaming(x)

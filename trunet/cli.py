@@ -68,6 +68,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         tta=args.tta,  # None: the checkpoint's infer.tta
         postprocess=False if args.no_postprocess else None,  # None: the checkpoint's infer.postprocess
         save_probabilities=args.save_probabilities,
+        cpu_bf16=None if args.cpu_precision is None else args.cpu_precision == "bf16",
     )
     return 0
 
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     tta.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation")
     p.add_argument("--no-postprocess", action="store_true", help="keep all components (default: largest per class)")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>_prob_<k>_<class>.nii.gz (float32, one 4D file per class)")
+    p.add_argument("--cpu-precision", choices=["bf16", "float32"], default=None,
+                   help="precision of the network on the CPU (default: bf16 where the CPU has bf16 instructions, "
+                        "else float32)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice/HD95, volumes, EF, mass and temporal consistency against references")

@@ -189,6 +189,7 @@ class InferConfig:
     postprocess: bool = True
     cyclic: bool = False  # the cine is one heartbeat: wrap frames around its ends so the first and last see neighbours
     cpu_stitch_voxels: int = 64_000_000  # stitch on the CPU above this many output voxels
+    cpu_bf16: Optional[bool] = None  # bf16 autocast on the CPU; None: exactly where the CPU has bf16 instructions
 
 
 @dataclass

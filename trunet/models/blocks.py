@@ -9,14 +9,14 @@ block; ``UnetOutBlock``: 1x1 head). Encoder and decoder only ever see frames fol
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, UnetUpBlock
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from trunet.models.clstm import ConvLSTM
+from trunet.models.clstm import ConvLSTM, State
 
 __all__ = ["Encoder", "Decoder", "TemporalCLSTM", "NORM", "ACT"]
 
@@ -171,8 +171,26 @@ class TemporalCLSTM(nn.Module):
         self.clstm.checkpointing = value
 
     def forward(self, features: Tensor, batch: int) -> Tensor:
+        return self.run(features, batch)[0]
+
+    def run(self, features: Tensor, batch: int, state: Optional[State] = None) -> tuple[Tensor, State]:
+        """``forward`` from a given state, also returning the state after the last frame.
+
+        Args:
+            features: ``(B*T, C, X, Y, Z)``, frames of each sample consecutive.
+            batch: ``B``.
+            state: ``(h, c)``, each ``(B, C // r, X, Y, Z)``, the state after the frame before the first one
+                (``None`` = zero state). Only for a causal (unidirectional) layer: a bidirectional one's
+                backward direction needs the frames after the last.
+
+        Returns:
+            ``(features + H, (h, c))``: so running a series in consecutive chunks, each from the state the
+            previous chunk returned, gives the one-pass result.
+        """
+        if state is not None and self.clstm.bidirectional:
+            raise ValueError("a bidirectional ConvLSTM cannot continue from a carried state")
         x = features if self.reduce is None else self.reduce(features)
         seq = x.view(batch, x.shape[0] // batch, *x.shape[1:])
-        (out,), _ = self.clstm(seq)
+        (out,), (last,) = self.clstm(seq, None if state is None else [state])
         out = out.reshape(x.shape)
-        return features + (out if self.expand is None else self.expand(out))
+        return features + (out if self.expand is None else self.expand(out)), last

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
+from typing import Optional, Union
 
 from torch import Tensor, nn
 
 from trunet.models.blocks import Decoder, Encoder, TemporalCLSTM
+from trunet.models.clstm import State
 
 __all__ = ["TimeResolvedUNet"]
 
@@ -178,6 +179,35 @@ class TimeResolvedUNet(nn.Module):
         return tuple(max(1, math.ceil(int(s) / d)) * d for s, d in zip(spatial_size, self.size_divisor))  # type: ignore[return-value]
 
     def forward(self, x: Tensor) -> Union[Tensor, list[Tensor]]:
+        all_levels = self.deep_supervision and self.training
+        logits, _ = self._run(x, None, all_levels)
+        return logits if all_levels else logits[0]
+
+    def forward_streaming(self, x: Tensor, state: Optional[dict[str, State]] = None) -> tuple[Tensor, dict[str, State]]:
+        """The next frames of a series, continuing from the ConvLSTM state of the frames before them.
+
+        Running a series ``(B, T, C, X, Y, Z)`` in consecutive time chunks, each call given the state the
+        previous one returned, gives the same logits as one :meth:`forward` over all ``T`` frames (to float
+        rounding), while memory holds one chunk's activations: how inference streams a long cine.
+        Causal models only (a bidirectional model needs the frames after the chunk).
+
+        Args:
+            x: the chunk ``(B, T_chunk, C, X, Y, Z)``.
+            state: what the previous call returned; ``None`` = start of the series (zero state).
+
+        Returns:
+            ``(logits (B, T_chunk, K, X, Y, Z), state)``; ``state`` maps each ConvLSTM level (as a string) to
+            its ``(h, c)``, each ``(B, C_l // clstm_reduction, X / P_l, ...)``.
+        """
+        if self.bidirectional:
+            raise ValueError("forward_streaming needs a causal model; this one is bidirectional")
+        logits, new_state = self._run(x, state if state is not None else {}, all_levels=False)
+        return logits[0], new_state
+
+    def _run(
+        self, x: Tensor, state: Optional[dict[str, State]], all_levels: bool
+    ) -> tuple[list[Tensor], dict[str, State]]:
+        """Logits of the decoder levels asked for; ``state`` None = plain forward (no state returned)."""
         if x.dim() != 6:
             raise ValueError(f"TimeResolvedUNet expects input (B, T, C, X, Y, Z), got shape {tuple(x.shape)}")
         if x.shape[2] != self.in_channels:
@@ -187,8 +217,11 @@ class TimeResolvedUNet(nn.Module):
         self.check_input_size(x.shape[3:])
         batch, frames = x.shape[:2]
         features = self.encoder(x.reshape(batch * frames, *x.shape[2:]))
+        new_state: dict[str, State] = {}
         for level, module in self.temporal.items():
-            features[int(level)] = module(features[int(level)], batch)
-        all_levels = self.deep_supervision and self.training
+            if state is None:
+                features[int(level)] = module(features[int(level)], batch)
+            else:
+                features[int(level)], new_state[level] = module.run(features[int(level)], batch, state.get(level))
         logits = [y.view(batch, frames, *y.shape[1:]) for y in self.decoder(features, all_levels=all_levels)]
-        return logits if all_levels else logits[0]
+        return logits, new_state

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["autocast_dtype", "autocast"]
+__all__ = ["autocast_dtype", "autocast", "cpu_has_fast_bf16"]
 
 
 def autocast_dtype(device: torch.device | str, amp: bool = True) -> Optional[torch.dtype]:
@@ -27,3 +27,13 @@ def autocast(device: torch.device | str, dtype: Optional[torch.dtype]) -> contex
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), where oneDNN runs bf16 convolutions
+    several times faster than float32; elsewhere bf16 is emulated and slower, so inference stays float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:
+        return any(getattr(torch.cpu, name)() for name in checks if hasattr(torch.cpu, name))
+    except RuntimeError:  # an unusual build without the CPU capability probes
+        return False

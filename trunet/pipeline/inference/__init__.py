@@ -26,8 +26,15 @@ Probabilities (not logits) are blended, so overlapping windows and time windows 
 The stitched output lives on the CPU when it would exceed ``infer.cpu_stitch_voxels`` elements
 (``T * K * X * Y * Z``), so accelerator memory depends on the patch, not on the scan.
 
-*Time*: the ConvLSTM runs on any number of frames, so by default (``time_window="auto"``) the whole series
-goes through in one pass whenever one pass stays within ``pass_voxel_budget`` voxel-frames
+*Time, causal model* (the default architecture): the series is *streamed*. Each spatial window's frames go
+through the network in consecutive chunks of ``time_window`` frames (``"auto"``: as many as fit in
+``stream_voxel_budget`` voxel-frames, 2 Mi by default), the ConvLSTM state ``(h, c)`` of every level carried
+from one chunk into the next (:meth:`~trunet.models.TimeResolvedUNet.forward_streaming`). That is the one-pass
+result to float rounding, computes every frame once, and holds one chunk's activations whatever the length
+of the cine.
+
+*Time, bidirectional model*: the backward direction needs the frames after a chunk, so by default
+(``time_window="auto"``) the whole series goes through in one pass whenever one pass stays within ``pass_voxel_budget`` voxel-frames
 (``T * patch voxels * sw_batch_size``), a proxy for the activation memory of a pass, which grows linearly
 with ``T`` (about 1.2 kB per voxel-frame for the default model in float32, half that in bf16): the default
 8 Mi voxel-frames, ~10 GB, is 40 frames of a 160 x 160 x 8 patch or 15 of the 256 x 208 x 10 patch of
@@ -42,9 +49,9 @@ least the training window), consecutive windows sharing ``c = infer.time_overlap
   repeats most of the one before);
 * each window after the first is *warm-started*: the frames it shares with the previous window are
   context that its recurrent state runs through before the frames it is trusted on;
-* causal (unidirectional) model: the outputs of those shared frames are discarded (weight 0), since the
-  previous window saw them with more history; so every frame is predicted by exactly one window, the one
-  in which it has the longest past;
+* a causal model that cannot stream (any module without ``forward_streaming``): the outputs of those
+  shared frames are discarded (weight 0), since the previous window saw them with more history; so every
+  frame is predicted by exactly one window, the one in which it has the longest past;
 * bidirectional model: the shared frames are blended linearly, weight ``(i + 1) / (o + 1)`` rising over the
   ``o`` shared frames at a window's head and falling at the previous window's tail (summing to one),
   because both ends of a window lack context there.
@@ -58,6 +65,11 @@ last ``k`` frames are put in front of frame 0 (``k`` = the training window, at m
 bidirectional model the first ``k`` frames after the last, and only the original ``T`` frames are returned.
 End-diastole (frame 0 in ACDC) then has a past, and the last frames a future, as every other frame has.
 Leave it off for a series that is not one whole cycle.
+
+*Precision*: on CUDA the forward pass runs under autocast (bf16 where supported). On the CPU it runs under
+bf16 autocast exactly where the CPU has bf16 instructions (AVX512-BF16 or AMX), where oneDNN's bf16
+convolutions are faster than float32; elsewhere in float32 (``infer.cpu_bf16`` / ``trunet predict
+--cpu-precision`` choose). Probabilities are blended in float32.
 
 Mirroring TTA (``infer.tta``) averages the probabilities of the four in-plane mirrorings (none, x, y, xy)
 inside each window, as nnU-Net does; the slice axis is not mirrored (apex and base differ).

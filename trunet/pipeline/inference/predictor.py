@@ -17,15 +17,20 @@ from tqdm.auto import tqdm
 from trunet.config import InferConfig
 from trunet.errors import DataError
 from trunet.pipeline.inference.windows import time_windows
-from trunet.pipeline.precision import autocast, autocast_dtype
+from trunet.pipeline.precision import autocast, autocast_dtype, cpu_has_fast_bf16
 
-__all__ = ["Predictor", "DEFAULT_PASS_VOXEL_BUDGET", "resolve_device"]
+__all__ = ["Predictor", "DEFAULT_PASS_VOXEL_BUDGET", "DEFAULT_STREAM_VOXEL_BUDGET", "resolve_device"]
 
 
 DEFAULT_PASS_VOXEL_BUDGET = 8 * 2**20
 """Voxel-frames one forward pass may hold (``T * patch voxels * sw_batch_size``) before ``time_window="auto"``
 cuts the series into time windows: 40 frames of a 160 x 160 x 8 patch, ~10 GB of activations for the default
 model in float32 (BENCHMARKS.md, Inference)."""
+
+DEFAULT_STREAM_VOXEL_BUDGET = 2 * 2**20
+"""Voxel-frames per chunk when a causal model streams a series, its ConvLSTM state carried from one chunk to
+the next: the chunk size does not change the result, only memory and speed, so it is kept small (3 frames of
+the 256 x 208 x 10 patch of ``configs/default.yaml``; BENCHMARKS.md, Inference)."""
 
 _INPLANE_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (4,), (3, 4))  # dims of (n, T, C, X, Y, Z)
 
@@ -57,11 +62,20 @@ class Predictor:
         device: where the model runs; default: the device of the model's parameters. The model is moved
             there.
         amp: autocast the forward pass on CUDA (bf16 where supported, else fp16).
-        time_window: ``"auto"`` (whole series when within ``pass_voxel_budget``), ``None``/``0`` (always the
-            whole series) or an int ``W`` (time windows of ``W`` frames).
-        amp_on_cpu: also autocast on the CPU (bf16; fast only on CPUs with bf16 instructions).
+        time_window: ``"auto"`` (whole series when within ``pass_voxel_budget``; for a streaming model, chunks
+            within ``stream_voxel_budget``), ``None``/``0`` (always the whole series in one pass) or an int
+            ``W`` (passes of ``W`` frames).
+        amp_on_cpu: also autocast on the CPU (bf16). ``None`` (default): ``infer_config.cpu_bf16``, and where
+            that is ``None`` too, on exactly when the CPU has bf16 instructions
+            (:func:`~trunet.pipeline.precision.cpu_has_fast_bf16`).
         progress: show a tqdm bar per case (windows done).
         pass_voxel_budget: see ``time_window="auto"``.
+        stream_voxel_budget: see ``time_window="auto"``.
+
+    A causal model with ``forward_streaming`` (:class:`~trunet.models.TimeResolvedUNet`) *streams* the
+    series: each spatial window's frames go through in consecutive chunks, the ConvLSTM state carried from
+    one chunk into the next, which gives the one-pass result with the memory of one chunk and no frame
+    computed twice. A bidirectional model uses the time windows of :mod:`trunet.pipeline.inference`.
 
     Example::
 
@@ -85,9 +99,10 @@ class Predictor:
         amp: bool = True,
         *,
         time_window: Union[int, None, Literal["auto"]] = "auto",
-        amp_on_cpu: bool = False,
+        amp_on_cpu: Optional[bool] = None,
         progress: bool = False,
         pass_voxel_budget: int = DEFAULT_PASS_VOXEL_BUDGET,
+        stream_voxel_budget: int = DEFAULT_STREAM_VOXEL_BUDGET,
     ):
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module  # the bare module: a DDP forward on one rank would wait for the others
@@ -113,19 +128,27 @@ class Predictor:
             raise ValueError(f"time_window must be 'auto', None or a non-negative int, got {time_window!r}")
         self.time_window = time_window
         self.pass_voxel_budget = int(pass_voxel_budget)
+        self.stream_voxel_budget = int(stream_voxel_budget)
+        self.streaming = self.causal and callable(getattr(model, "forward_streaming", None))
         self.amp = amp
-        self.amp_on_cpu = amp_on_cpu
+        if amp_on_cpu is None:
+            amp_on_cpu = infer_config.cpu_bf16
+        self.amp_on_cpu = cpu_has_fast_bf16() if amp_on_cpu is None else bool(amp_on_cpu)
         self.progress = progress
         self._bar: Optional[tqdm] = None
 
     # -- planning ---------------------------------------------------------------------------------
     def frames_per_pass(self, num_frames: int) -> Optional[int]:
-        """The time window ``W`` used for a series of ``num_frames`` frames (``None`` = one pass)."""
+        """Frames per pass ``W`` for a series of ``num_frames`` frames (``None`` = one pass): the time window,
+        or for a streaming model the chunk."""
         if self.time_window == "auto":
             per_frame = math.prod(self.roi_size) * self.config.sw_batch_size
-            if num_frames * per_frame <= self.pass_voxel_budget:
+            budget = self.stream_voxel_budget if self.streaming else self.pass_voxel_budget
+            if num_frames * per_frame <= budget:
                 return None
-            return max(self.train_window, self.pass_voxel_budget // per_frame, 1)
+            if self.streaming:
+                return max(budget // per_frame, 1)
+            return max(self.train_window, budget // per_frame, 1)
         return self.time_window or None
 
     def stitch_device(self, num_frames: int, spatial_size: Sequence[int]) -> torch.device:
@@ -153,10 +176,7 @@ class Predictor:
         flips = _INPLANE_FLIPS if self.config.tta else ((),)
         total: Optional[Tensor] = None
         for dims in flips:
-            with self._autocast():
-                logits = self.model(x.flip(dims) if dims else x)
-            if isinstance(logits, (list, tuple)):  # deep supervision: full resolution first
-                logits = logits[0]
+            logits = self._logits(x.flip(dims) if dims else x)
             probs = torch.softmax(logits.float(), dim=2)
             if dims:
                 probs = probs.flip(dims)
@@ -167,6 +187,20 @@ class Predictor:
         if self._bar is not None:
             self._bar.update(n)
         return total.reshape(n, frames * self.num_classes, *total.shape[3:])
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """Logits ``(n, T, K, x, y, z)`` of windows ``(n, T, C, x, y, z)``: one pass, or streamed in chunks."""
+        chunk = self.frames_per_pass(x.shape[1]) if self.streaming else None
+        if not chunk or chunk >= x.shape[1]:
+            with self._autocast():
+                logits = self.model(x)
+            return logits[0] if isinstance(logits, (list, tuple)) else logits  # deep supervision: full res first
+        parts, state = [], None
+        for start in range(0, x.shape[1], chunk):
+            with self._autocast():
+                logits, state = self.model.forward_streaming(x[:, start : start + chunk], state)
+            parts.append(logits)
+        return torch.cat(parts, dim=1)
 
     # -- one case -----------------------------------------------------------------------------------
     def predict_case(self, image: Tensor, description: Optional[str] = None) -> Tensor:
@@ -214,7 +248,9 @@ class Predictor:
         frames, channels, spatial = x.shape[1], x.shape[2], tuple(x.shape[3:])
         stitch = self.stitch_device(frames, spatial)
         x = x.to(device=stitch if stitch.type == "cpu" else self.device, dtype=torch.float32)
-        windows = time_windows(frames, self.frames_per_pass(frames), self.config.time_overlap, self.causal)
+        # a streaming model gets the whole series per spatial window and chunks it itself (_logits)
+        window = None if self.streaming else self.frames_per_pass(frames)
+        windows = time_windows(frames, window, self.config.time_overlap, self.causal)
         inferer = SlidingWindowInferer(
             roi_size=self.roi_size,
             sw_batch_size=self.config.sw_batch_size,

@@ -216,12 +216,13 @@ def run_prediction(
     tta: Optional[bool] = None,
     postprocess: Optional[bool] = None,
     save_probabilities: bool = False,
+    cpu_bf16: Optional[bool] = None,
 ) -> list[Path]:
     """Segment every frame of the input scans with a checkpoint (``trunet predict``).
 
     Everything about the data (target spacing, normalisation, patch, time window, classes) comes from the
-    checkpoint; ``overlap``, ``sw_batch_size``, ``tta`` and ``postprocess`` override its ``infer`` settings
-    when not ``None``.
+    checkpoint; ``overlap``, ``sw_batch_size``, ``tta``, ``postprocess`` and ``cpu_bf16`` override its
+    ``infer`` settings when not ``None``.
 
     Args:
         checkpoint: a ``.pt`` written by training (``RUN/checkpoints/best.pt``).
@@ -234,6 +235,8 @@ def run_prediction(
         device: ``cpu``, ``cuda`` or ``cuda:N``; default CUDA when available.
         tta: mirroring test-time augmentation.
         postprocess: keep the largest component per class and frame.
+        cpu_bf16: bf16 autocast on the CPU (default: the checkpoint's ``infer.cpu_bf16``, normally on exactly
+            where the CPU has bf16 instructions).
 
     Returns:
         The written files, in case order. Each file is written atomically; nothing is written over an input.
@@ -245,7 +248,8 @@ def run_prediction(
     ckpt = Path(checkpoint)
     payload = load_checkpoint(ckpt)
     preprocessing = _check_checkpoint(payload, ckpt)
-    config = _infer_config(payload, ckpt, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, postprocess=postprocess)
+    config = _infer_config(payload, ckpt, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, postprocess=postprocess,
+                           cpu_bf16=cpu_bf16)
     allow_3d = bool(preprocessing.get("allow_3d", False))
     out_dir = Path(output_dir)
     cases = find_inputs(inputs, out_dir, allow_3d=allow_3d)
