@@ -20,7 +20,11 @@ Variants (``--variants``), each ``configs/demo.yaml`` plus overrides:
   trained on the same corrupted frames;
 * ``frame+smooth``: ``frame``'s probabilities smoothed over time (Gaussian, sigma ``--smooth-sigma``
   frames, cyclic) before the arg-max: the cheap thing a user tries first (no extra training);
-* ``causal``: the recipe with unidirectional ConvLSTMs (the streaming form).
+* ``causal``: the recipe with unidirectional ConvLSTMs (the streaming form);
+* ``temporal-nocons`` / ``frame-nocons``: the recipe without the corruption-consistency loss (ablation);
+  ``<variant>+smooth`` smooths any variant's probabilities as ``frame+smooth`` does.
+
+All variants are predicted in float32 (``cpu_bf16=False``), so the table compares models, not precisions.
 
 Printed per scenario and variant: mean Dice (RV, MYO, LV) on corrupted and on clean frames, Dice at ES,
 LV/RV EF absolute error (EF at the reference's ED and ES frames), LV volume-curve roughness (mean absolute
@@ -74,14 +78,18 @@ SCENARIOS = {
 }
 
 RECIPE = ["model.clstm_levels=all", "model.bidirectional=true", "model.clstm_reduction=4",
-          "train.augment.corrupt_prob=0.25", "infer.cyclic=true"]
+          "train.augment.corrupt_prob=0.25", "train.consistency_weight=1.0", "infer.cyclic=true"]
 """The time recipe as ``trunet train`` overrides (on top of ``configs/demo.yaml``)."""
+
+NO_CONSISTENCY = [o for o in RECIPE if not o.startswith("train.consistency_weight")]
 
 VARIANTS = {
     "shipped": [],
     "temporal": RECIPE,
     "frame": [*RECIPE, "model.clstm_levels=[]"],
     "causal": [*RECIPE, "model.bidirectional=false"],
+    "temporal-nocons": NO_CONSISTENCY,
+    "frame-nocons": [*NO_CONSISTENCY, "model.clstm_levels=[]"],
 }
 
 
@@ -190,7 +198,8 @@ def score(pred: np.ndarray, ref: np.ndarray, case: dict, spacing) -> dict:
 
 
 def evaluate_variant(work: Path, variant: str, scenarios: dict[str, dict], sigma: float) -> dict[str, dict]:
-    source = "frame" if variant == "frame+smooth" else variant
+    smooth = variant.endswith("+smooth")
+    source = variant[: -len("+smooth")] if smooth else variant
     ckpt = work / "runs" / source / "checkpoints" / "best.pt"
     results = {}
     for scenario, cases in scenarios.items():
@@ -198,11 +207,12 @@ def evaluate_variant(work: Path, variant: str, scenarios: dict[str, dict], sigma
         if not all((pred_dir / f"{cid}_seg.nii.gz").is_file() for cid in cases):
             if pred_dir.exists():
                 subprocess.call(["rm", "-rf", str(pred_dir)])
-            run_prediction(ckpt, work / "scenarios" / scenario, pred_dir, save_probabilities=(source == "frame"))
+            run_prediction(ckpt, work / "scenarios" / scenario, pred_dir, save_probabilities=source.startswith("frame"),
+                           cpu_bf16=False)
         rows = []
         for cid, case in cases.items():
             ref = _reference(case["label"])
-            if variant == "frame+smooth":
+            if smooth:
                 pred = smoothed_labels(pred_dir, cid, sigma)
             else:
                 pred = _prediction(pred_dir / f"{cid}_seg.nii.gz")
@@ -230,23 +240,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated: " + ", ".join(["frame+smooth", *VARIANTS]))
     parser.add_argument("--smooth-sigma", type=float, default=1.0, help="frame+smooth: Gaussian sigma in frames")
     parser.add_argument("--seed", type=int, default=0, help="corruption seed")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of: " + ", ".join(SCENARIOS))
     parser.add_argument("--retrain", action="store_true", help="train even where a checkpoint exists")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every variant's training")
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")  # one table at the end, no progress bars in the log
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS and v != "frame+smooth"]
+    unknown = [v for v in variants if v.removesuffix("+smooth") not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}")
-    if "frame+smooth" in variants and "frame" not in variants:
-        variants.insert(0, "frame")
+    for v in [v for v in variants if v.endswith("+smooth")]:
+        if v.removesuffix("+smooth") not in variants:
+            variants.insert(0, v.removesuffix("+smooth"))
+    chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if not chosen or any(s not in SCENARIOS for s in chosen):
+        parser.error(f"--scenarios: choose from {list(SCENARIOS)}, got {args.scenarios!r}")
 
     print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.platform()}")
     print(f"date: {_dt.datetime.now():%Y-%m-%d %H:%M}")
     args.work.mkdir(parents=True, exist_ok=True)
     train, test = make_data(args.work, args.train_cases, args.test_cases)
-    scenarios = make_scenarios(args.work, test, args.seed)
+    scenarios = {k: v for k, v in make_scenarios(args.work, test, args.seed).items() if k in chosen}
     for name, cases in scenarios.items():
         n_corr = sum(len(c["corrupted"]) for c in cases.values())
         print(f"scenario {name}: {len(cases)} cines, {n_corr} corrupted frames")
@@ -256,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         if v in VARIANTS:
             seconds[v] = train_variant(args.work, v, args.config, train, args.overrides, args.retrain)
             print(f"trained {v}: {seconds[v]:.0f} s" if seconds[v] else f"trained {v}: reused", flush=True)
-    seconds["frame+smooth"] = seconds.get("frame")
+    for v in variants:
+        if v.endswith("+smooth"):
+            seconds[v] = seconds.get(v.removesuffix("+smooth"))
 
     results = {v: evaluate_variant(args.work, v, scenarios, args.smooth_sigma) for v in variants}
     (args.work / "results.json").write_text(json.dumps({"results": results, "train_seconds": seconds}, indent=1))

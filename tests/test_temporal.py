@@ -17,7 +17,8 @@ from trunet.models import TimeResolvedUNet
 from trunet.models.blocks import TemporalCLSTM
 from trunet.config import CorruptionKind, ConfigError, load_config
 from trunet.transforms.cardiac import RandCorruptFramesd
-from trunet.transforms.compose import train_transforms
+from trunet.pipeline.training.losses import consistency_loss
+from trunet.transforms.compose import CLEAN_IMAGE, train_transforms
 
 
 def _frame(seed: int = 0) -> np.ndarray:
@@ -120,6 +121,50 @@ def test_corruption_in_the_training_chain_is_configured_and_validated(configs_di
                 "train.augment.corrupt_strength=[0.9,0.1]", "model.clstm_reduction=0"):
         with pytest.raises(ConfigError, match=bad.split("=")[0].split(".")[-1]):
             load_config(configs_dir / "tiny.yaml", [bad])
+
+
+def test_consistency_training_keeps_the_clean_image_with_the_same_intensity_draws(configs_dir, tmp_path):
+    """The consistency target is the sample before corruption: identical to the image on every frame that
+    was not spoilt (noise and blur drawn once for both), different on the spoilt ones. (Contrast and gamma
+    keep each image's own mean/range, which the spoilt frames shift: there the clean frames differ slightly.)"""
+    case = write_case(tmp_path)
+    config = load_config(configs_dir / "tiny.yaml", [
+        "train.patch_size=[16,16,4]", "train.augment.corrupt_prob=0.5", "train.augment.corrupt_kinds=[dropout]",
+        "train.augment.corrupt_strength=[0.9,1.0]", "train.consistency_weight=0.5", "train.augment.noise_prob=1.0",
+        "train.augment.noise_std=0.1", "train.augment.blur_prob=1.0", "train.augment.contrast_prob=0",
+        "train.augment.gamma_prob=0", "train.augment.low_res_prob=0",
+    ])
+    chain = train_transforms(config, (4.0, 4.0, 8.0))
+    (corrupt,) = [t for t in chain.transforms if isinstance(t, RandCorruptFramesd)]
+    hit = 0
+    for seed in range(6):
+        chain.set_random_state(seed)
+        sample = chain(case)
+        sample = sample[0] if isinstance(sample, list) else sample
+        image, clean = sample["image"], sample[CLEAN_IMAGE]
+        assert clean.shape == image.shape
+        for t in range(image.shape[0]):
+            same = torch.equal(image[t], clean[t])
+            assert same == (t not in corrupt.frames), (seed, t, corrupt.frames)
+        hit += len(corrupt.frames)
+    assert hit > 0
+    plain = train_transforms(load_config(configs_dir / "tiny.yaml", ["train.augment.corrupt_prob=0.5"]), (4.0, 4.0, 8.0))
+    sample = plain(case)
+    assert CLEAN_IMAGE not in (sample[0] if isinstance(sample, list) else sample)  # no copy without the loss
+    with pytest.raises(ConfigError, match="consistency_weight"):
+        load_config(configs_dir / "tiny.yaml", ["train.consistency_weight=0.5"])  # nothing corrupted to compare
+
+
+def test_consistency_loss_is_zero_when_predictions_agree_and_pulls_towards_the_clean_prediction():
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 3, 4, 5, 5, 2)
+    assert consistency_loss(teacher.clone(), teacher).item() == pytest.approx(0.0, abs=1e-6)
+    student = torch.randn(2, 3, 4, 5, 5, 2, requires_grad=True)
+    loss = consistency_loss([student, torch.zeros(1)], teacher)  # deep supervision: full resolution only
+    assert loss.item() > 0
+    loss.backward()
+    expected = (torch.softmax(student, 2) - torch.softmax(teacher, 2)) / (2 * 3 * 5 * 5 * 2)
+    torch.testing.assert_close(student.grad, expected.detach(), rtol=1e-4, atol=1e-7)
 
 
 # -- the narrow ConvLSTM ----------------------------------------------------------------------------------

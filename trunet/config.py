@@ -152,6 +152,10 @@ class TrainConfig:
         val_every: validate every N epochs on whole validation cases (sliding window).
         deterministic: deterministic algorithms and seeded workers (exact resume on CPU).
         max_nonfinite: consecutive non-finite losses tolerated before the job stops.
+        consistency_weight: weight of the corruption-consistency loss: on every frame of a sample with
+            corrupted frames (``augment.corrupt_prob``), the KL divergence from the model's own prediction on
+            the uncorrupted sample (no gradient) to its prediction on the corrupted one. Dense supervision
+            for the unlabelled spoilt frames (ED/ES-only labels leave most frames without any); ``0`` = off.
     """
 
     patch_size: Triple = (160, 160, 8)
@@ -175,6 +179,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     max_nonfinite: int = 5
+    consistency_weight: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -351,6 +356,11 @@ def _check_values(config: Config, source: str) -> None:
     if not 0.0 <= a.corrupt_strength[0] <= a.corrupt_strength[1] <= 1.0:
         raise ConfigError(f"{source}: 'train.augment.corrupt_strength' must be (lo, hi) with "
                           f"0 <= lo <= hi <= 1, got {list(a.corrupt_strength)}")
+    if t.consistency_weight < 0:
+        raise ConfigError(f"{source}: 'train.consistency_weight' must be >= 0, got {t.consistency_weight}")
+    if t.consistency_weight > 0 and a.corrupt_prob == 0:
+        raise ConfigError(f"{source}: 'train.consistency_weight' needs corrupted frames to compare: set "
+                          "'train.augment.corrupt_prob' above 0 or the weight to 0")
     if len(d.classes) < 2:
         raise ConfigError(f"{source}: 'data.classes' needs background and at least one structure")
     positive = {

@@ -298,6 +298,8 @@ class RandCorruptFramesd(Randomizable, MapTransform):
         kinds: subset of :data:`trunet.data.artefacts.CORRUPTIONS`.
         strength_range: ``(lo, hi)`` within ``[0, 1]``.
         spacing: voxel size in mm of the tensors (the training target spacing).
+        clean_key: also store the image as it was before corruption under this key (one key only): the
+            target of the corruption-consistency loss (``train.consistency_weight``).
 
     After a call, :attr:`frames` holds the corrupted frame indices (for tests and logging).
     """
@@ -309,9 +311,13 @@ class RandCorruptFramesd(Randomizable, MapTransform):
         kinds: Sequence[str] = CORRUPTIONS,
         strength_range: Sequence[float] = (0.3, 1.0),
         spacing: Sequence[float] = (1.0, 1.0, 1.0),
+        clean_key: Optional[str] = None,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
+        if clean_key is not None and len(self.keys) != 1:
+            raise ValueError(f"clean_key needs exactly one image key, got {list(self.keys)}")
+        self.clean_key = clean_key
         unknown = [k for k in kinds if k not in CORRUPTIONS]
         if unknown or not kinds:
             raise ValueError(f"corruption kinds must be a non-empty subset of {list(CORRUPTIONS)}, got {list(kinds)}")
@@ -337,6 +343,8 @@ class RandCorruptFramesd(Randomizable, MapTransform):
         d = dict(data)
         first = d[self.first_key(d)]
         self.randomize(first.shape[0])
+        if self.clean_key is not None:
+            d[self.clean_key] = first  # the corrupted image below is a new array; this one is not modified
         if not self.frames:
             return d
         for key in self.key_iterator(d):

@@ -66,6 +66,8 @@ __all__ = [
 ]
 
 IMAGE, LABEL, FRAME_MASK = "image", "label", "frame_mask"
+CLEAN_IMAGE = "image_clean"
+"""The training image before frame corruption (only with ``train.consistency_weight > 0``)."""
 _FG = "fg"
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # affines are RAS (nibabel's convention)
 _FG_IDX, _BG_IDX = "fg_fg_indices", "fg_bg_indices"  # FgBgToIndicesd's default key names for "fg"
@@ -170,29 +172,34 @@ def train_transforms(config: Config, target_spacing: Sequence[float]) -> Compose
             mode=("bilinear", "nearest"), padding_mode="zeros",
         ))
     chain.append(MaskUnlabelledFramesd(LABEL, FRAME_MASK, ignore_index=ignore))
+    images = [IMAGE]
     if aug.corrupt_prob > 0:
         # before the intensity augmentation: a spoilt frame is then jittered like any other
+        consistency = t.consistency_weight > 0
         chain.append(RandCorruptFramesd(IMAGE, prob=aug.corrupt_prob, kinds=aug.corrupt_kinds,
-                                        strength_range=aug.corrupt_strength, spacing=pre["target_spacing"]))
+                                        strength_range=aug.corrupt_strength, spacing=pre["target_spacing"],
+                                        clean_key=CLEAN_IMAGE if consistency else None))
+        if consistency:
+            images.append(CLEAN_IMAGE)  # same draws as the image: the two differ in the spoilt frames only
     if aug.noise_prob > 0 and aug.noise_std > 0:
-        chain.append(RandGaussianNoised(IMAGE, prob=aug.noise_prob, mean=0.0, std=aug.noise_std))
+        chain.append(RandGaussianNoised(images, prob=aug.noise_prob, mean=0.0, std=aug.noise_std))
     if aug.blur_prob > 0:
         # in-plane blur only: the slice axis is already coarse
-        chain.append(RandGaussianSmoothd(IMAGE, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.0, 0.0),
+        chain.append(RandGaussianSmoothd(images, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.0, 0.0),
                                          prob=aug.blur_prob))
     if aug.contrast_prob > 0:
-        chain.append(RandScaleIntensityFixedMeand(IMAGE, factors=(-0.25, 0.25), preserve_range=True,
+        chain.append(RandScaleIntensityFixedMeand(images, factors=(-0.25, 0.25), preserve_range=True,
                                                   prob=aug.contrast_prob))
     if aug.low_res_prob > 0:
-        chain.append(RandSimulateLowResolutiond(IMAGE, prob=aug.low_res_prob, zoom_range=(0.5, 1.0)))
+        chain.append(RandSimulateLowResolutiond(images, prob=aug.low_res_prob, zoom_range=(0.5, 1.0)))
     if aug.gamma_prob > 0:
-        chain.append(RandAdjustContrastd(IMAGE, gamma=tuple(aug.gamma_range), prob=aug.gamma_prob,
+        chain.append(RandAdjustContrastd(images, gamma=tuple(aug.gamma_range), prob=aug.gamma_prob,
                                          retain_stats=True))
     chain += [
-        EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False),
+        EnsureTyped(images, dtype=torch.float32, track_meta=False),
         EnsureTyped(LABEL, dtype=torch.int64, track_meta=False),
         EnsureTyped(FRAME_MASK, dtype=torch.bool, track_meta=False),
-        SelectItemsd([IMAGE, LABEL, FRAME_MASK, "case_id"]),
+        SelectItemsd([*images, LABEL, FRAME_MASK, "case_id"]),
     ]
     return Compose(chain)
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from trunet.config import Config
 
 __all__ = [
+    "consistency_loss",
     "MaskedDiceCELoss",
     "DeepSupervisionLoss",
     "deep_supervision_weights",
@@ -73,6 +74,24 @@ class MaskedDiceCELoss(nn.Module):
             voxel_mask = valid.unsqueeze(1).to(x.dtype)
             total = total + self.dice_weight * self.dice(x, target, mask=voxel_mask)
         return total
+
+
+def consistency_loss(student: Union[Tensor, Sequence[Tensor]], teacher: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+    """Mean voxel-wise KL divergence ``KL(softmax(teacher) || softmax(student))`` over classes, in float32.
+
+    Args:
+        student: logits ``(B, T, K, X, Y, Z)`` of the corrupted sample (a deep-supervision list: the first,
+            full-resolution one is used).
+        teacher: logits of the same shape for the uncorrupted sample, computed without gradient.
+
+    Returns:
+        A scalar, 0 where the two agree. Its gradient is ``softmax(student) - softmax(teacher)``.
+    """
+    s = student[0] if isinstance(student, (list, tuple)) else student
+    t = teacher[0] if isinstance(teacher, (list, tuple)) else teacher
+    log_q = F.log_softmax(s.float(), dim=2)
+    log_p = F.log_softmax(t.detach().float(), dim=2)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=2).mean()
 
 
 def deep_supervision_weights(levels: int) -> list[float]:

@@ -53,13 +53,13 @@ from trunet.pipeline.training.debug import (
 )
 from trunet.pipeline.training.distributed import DistContext
 from trunet.pipeline.training.loaders import build_eval_dataset, build_train_loader
-from trunet.pipeline.training.losses import build_criterion
+from trunet.pipeline.training.losses import build_criterion, consistency_loss
 from trunet.pipeline.training.optim import build_optimizer, build_scheduler, load_scheduler_state
 from trunet.pipeline.training.resume import check_resume_config
 from trunet.pipeline.training.signals import QuietWorkerInit, StopRequest, TrainingInterrupted
 from trunet.pipeline.training.tracking import Tracker
 from trunet.pipeline.training.validation import validate
-from trunet.transforms.compose import preprocessing_from_config
+from trunet.transforms.compose import CLEAN_IMAGE, preprocessing_from_config
 
 __all__ = ["Trainer"]
 
@@ -287,6 +287,11 @@ class Trainer:
         with self._autocast():
             outputs = self.train_model(image)
         loss = self.criterion(outputs, label, frame_mask)
+        if self.t.consistency_weight > 0 and CLEAN_IMAGE in batch:
+            clean = batch[CLEAN_IMAGE].to(self.device, non_blocking=True).float().unsqueeze(2)
+            with torch.no_grad(), self._autocast():
+                target = self.model(clean)  # the bare module: no DDP synchronisation for a no-grad pass
+            loss = loss + self.t.consistency_weight * consistency_loss(outputs, target)
         loss = debug_loss_hook(loss, self.iteration)
         # agree across ranks before backward: all skip or none (DDP all-reduces inside backward)
         flags = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0, 1.0 if stop.signum else 0.0],
