@@ -88,10 +88,16 @@ class NaiveTimeUNet(nn.Module):
         return torch.stack(outputs, dim=1)
 
 
-def build(layout: str, device: torch.device, seed: int = 0) -> tuple[TimeResolvedUNet, Tensor, Tensor]:
-    shape, strides = LAYOUTS[layout]
+def build(
+    layout: str, device: torch.device, seed: int = 0, shape: tuple[int, ...] | None = None,
+    widths: tuple[int, ...] = WIDTHS,
+) -> tuple[TimeResolvedUNet, Tensor, Tensor]:
+    """The model of ``layout`` (its strides, ``widths`` per stage), an input ``x (B, T, 1, X, Y, Z)`` of the
+    layout's shape (or ``shape``) and a target ``(B, T, X, Y, Z)`` of class indices."""
+    default_shape, strides = LAYOUTS[layout]
+    shape = tuple(shape or default_shape)
     torch.manual_seed(seed)
-    model = TimeResolvedUNet(1, CLASSES, channels=WIDTHS, strides=strides).to(device)
+    model = TimeResolvedUNet(1, CLASSES, channels=widths, strides=strides).to(device)
     x = torch.randn(shape, device=device)
     target = torch.randint(0, CLASSES, (shape[0], shape[1], *shape[3:]), device=device)
     return model, x, target
@@ -113,9 +119,14 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, target: Te
     opt.step()
 
 
-def measure(layout: str, dtype: str, impl: str, repeats: int, warmup: int, device: torch.device) -> dict:
-    """Time one configuration (run in a fresh subprocess)."""
-    model, x, target = build(layout, device)
+def measure(
+    layout: str, dtype: str, impl: str, repeats: int, warmup: int, device: torch.device,
+    shape: tuple[int, ...] | None = None, widths: tuple[int, ...] = WIDTHS,
+) -> dict:
+    """Time one configuration (run in a fresh subprocess here; ``gpu_check.py`` calls it in-process).
+
+    Returns ``times`` and ``cpu_times`` (s per step), ``peak_bytes`` and ``flops`` (of one step)."""
+    model, x, target = build(layout, device, shape=shape, widths=widths)
     net = model if impl == "trunet" else NaiveTimeUNet(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     amp = dtype == "bf16"
@@ -143,9 +154,11 @@ def measure(layout: str, dtype: str, impl: str, repeats: int, warmup: int, devic
     return {"times": times, "cpu_times": cpu_times, "peak_bytes": peak, "flops": counter.get_total_flops()}
 
 
-def check_equivalence(layout: str, device: torch.device) -> float:
+def check_equivalence(
+    layout: str, device: torch.device, shape: tuple[int, ...] | None = None, widths: tuple[int, ...] = WIDTHS
+) -> float:
     """max |logits(trunet) - logits(naive)| in float32 on the benchmark input."""
-    model, x, _ = build(layout, device)
+    model, x, _ = build(layout, device, shape=shape, widths=widths)
     with torch.no_grad():
         return (model(x) - NaiveTimeUNet(model)(x)).abs().max().item()
 
