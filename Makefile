@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= demo
 
-.PHONY: venv test demo lint docker clean
+.PHONY: venv test demo gpu-check lint docker clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,16 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# The GPU path in one command (benchmarks/gpu_check.py: one Markdown table, exit 1 if a check fails, at most
+# 8 minutes on one GPU). Without CUDA: one line, exit 0; its CPU quick mode runs inside make test.
+gpu-check: venv
+	@cuda=$$($(PY) -c "import torch; print(int(torch.cuda.is_available()))") || exit 1; \
+	if [ "$$cuda" = 1 ]; then \
+		$(PY) benchmarks/gpu_check.py; \
+	else \
+		echo "no CUDA device: gpu-check skipped"; \
+	fi
 
 lint: venv
 	$(VENV)/bin/hadolint --failure-threshold warning docker/Dockerfile
