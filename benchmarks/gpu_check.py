@@ -400,7 +400,8 @@ def section_correctness(device: torch.device, sizes: Sizes, folder: Path) -> lis
     with tf32_off():
         agree = predictor_agreement(model, pre, config, cine, device, amp=False)
     rows.append(Row(1, f"Predictor float32 on {device.type} vs cpu, labels agree (cine {size}, TF32 off)",
-                    f"{100 * agree:.3f}%", f">= {100 * AGREEMENT_TARGET:g}%", PASS if agree >= AGREEMENT_TARGET else FAIL))
+                    f"{100 * agree:.3f}%", f">= {100 * AGREEMENT_TARGET:g}%",
+                    PASS if agree >= AGREEMENT_TARGET else FAIL))
     # with AMP the labels of near-tied voxels flip with the rounding: a figure of the model's margins (this
     # model had 20 steps), not of the device, so it is reported without a target
     amp = str(autocast_dtype(device)).replace("torch.", "")
@@ -433,7 +434,8 @@ def section_plan(device: torch.device, sizes: Sizes, folder: Path) -> list[Row]:
                         f"patch {planned[0]}, window {planned[1]}, batch {planned[2]}"
                         f" ({'as in' if same else 'differs from'} the config)", "-", INFO))
     config = load_config(CONFIGS / sizes.plan_config, [
-        *OFF, *sizes.plan_overrides, f"train.patch_size={planned[0]}", f"train.time_window={planned[1]}", f"train.batch_size={planned[2]}"])
+        *OFF, *sizes.plan_overrides, f"train.patch_size={planned[0]}", f"train.time_window={planned[1]}",
+        f"train.batch_size={planned[2]}"])
     amp = autocast_dtype(device, config.train.amp)
     estimate = planning.estimate_memory(config, device_type=device.type)
     label = (f"{sizes.plan_config}: B {planned[2]} x T {planned[1]} x {'x'.join(map(str, planned[0]))}, "
@@ -452,11 +454,20 @@ def section_plan(device: torch.device, sizes: Sizes, folder: Path) -> list[Row]:
     try:
         trainer = bare_trainer(config, device, folder / "plan", amp)
         batch, stop, times, losses = random_batch(config), StopRequest(), [], []
-        for _ in range(sizes.plan_steps):
-            start = time.perf_counter()
-            losses.append(trainer.step(batch, stop)[0])
-            sync(device)
-            times.append(time.perf_counter() - start)
+        try:
+            for _ in range(sizes.plan_steps):
+                start = time.perf_counter()
+                losses.append(trainer.step(batch, stop)[0])
+                sync(device)
+                times.append(time.perf_counter() - start)
+        except torch.OutOfMemoryError as exc:
+            del trainer, batch
+            reserved = torch.cuda.max_memory_reserved(device) / planning.GB if device.type == "cuda" else 0.0
+            rows.append(Row(2, f"{sizes.plan_steps} AMP trainer steps, random data ({label})",
+                            f"out of memory at step {len(times) + 1} (peak reserved {reserved:.2f} GB; estimate "
+                            f"{estimate.total / planning.GB:.2f} GB): {str(exc).splitlines()[0][:100]}",
+                            f"fits in {PLAN_VRAM_GB:g} GB", FAIL))
+            return rows
         finite = all(v is not None and math.isfinite(v) for v in losses)
         steady = statistics.median(times[1:]) if len(times) > 1 else times[0]
         rows.append(Row(2, f"{sizes.plan_steps} AMP trainer steps, random data ({label})",

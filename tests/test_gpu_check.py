@@ -26,7 +26,8 @@ EXPECTED = {
     3: [("train step vs naive per-frame form", "info"), ("achieved TFLOP/s", "info"),
         ("predict one cine", "pass"), ("predict one cine", "pass")],
     4: [("tiny.yaml", "pass"), ("epoch 2: median step time", "info"), ("epoch 2: cpu idle", "info")],
-    5: [("torchrun --nproc_per_node=2", "pass"), ("weights' checksums", "pass"), ("checkpoint: written by rank 0", "pass")],
+    5: [("torchrun --nproc_per_node=2", "pass"), ("weights' checksums", "pass"),
+        ("checkpoint: written by rank 0", "pass")],
 }
 
 
