@@ -303,7 +303,8 @@ def predictor_agreement(model: torch.nn.Module, preprocessing: dict, config: Con
                         device: torch.device, amp: bool) -> float:
     """Fraction of voxels of ``cine (1, T, X, Y, Z)`` whose labels (argmax over K) from the :class:`Predictor` on
     ``device`` (autocast when ``amp``) equal those of the Predictor in float32 on the CPU."""
-    cpu = Predictor(copy.deepcopy(model).cpu(), preprocessing, config.infer, device="cpu", amp=False)
+    cpu = Predictor(copy.deepcopy(model).cpu(), preprocessing, config.infer, device="cpu", amp=False,
+                    amp_on_cpu=False)  # float32 even where the Predictor would take bf16 on this CPU
     dev = Predictor(copy.deepcopy(model), preprocessing, config.infer, device=device, amp=amp, amp_on_cpu=amp)
     labels_cpu = cpu.predict_case(cine).argmax(dim=2)
     labels_dev = dev.predict_case(cine).argmax(dim=2).cpu()
