@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "trunet"
 
 # Stages in import order: a module may import its own stage or a lower one, never a later one.
 LAYERS = [
-    ("trunet.errors", "trunet.atomic", "trunet.config"),
+    ("trunet.errors", "trunet.atomic", "trunet.progress", "trunet.config"),
     ("trunet.io",),
     ("trunet.data",),
     ("trunet.transforms",),

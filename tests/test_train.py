@@ -124,6 +124,9 @@ def test_cli_end_to_end(tmp_path, phantom):
         assert float(r["val_dice_LV"]) >= 0 and r["val_hd95_RV"] != ""
     log = (run / "log.txt").read_text()
     assert "epoch 2/2" in log and "val Dice RV" in log
+    # stderr is a pipe here, as in Docker/Slurm/CI: plain progress lines (log_every = 1), no '\r' bars
+    assert "\r" not in result.stderr and "epoch 1/2: 1/2 step" in result.stderr
+    assert "epoch 2/2: 2/2 step" in log
 
     latest = load_checkpoint(run / "checkpoints" / "latest.pt", classes=["background", "RV", "MYO", "LV"])
     best = load_checkpoint(run / "checkpoints" / "best.pt")

@@ -14,6 +14,7 @@ from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
 from monai.transforms import Compose, Randomizable
 
 from trunet.errors import TrunetError
+from trunet.progress import is_terminal
 
 __all__ = ["unwrap_data_errors", "make_dataset"]
 
@@ -67,7 +68,7 @@ def make_dataset(cases: list[dict], transform, cache: str, cache_dir: Optional[s
     with unwrap_data_errors():
         if cache == "memory":
             threads = max(1, min(4, os.cpu_count() or 1))  # nibabel's gzip and torch release the GIL
-            return _CacheDataset(cases, transform, cache_rate=1.0, num_workers=threads, progress=len(cases) > 4)
+            return _CacheDataset(cases, transform, cache_rate=1.0, num_workers=threads, progress=len(cases) > 4 and is_terminal())
         if cache == "disk":
             if cache_dir is None:
                 raise ValueError("data.cache = disk needs a cache_dir")

@@ -8,7 +8,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
 
 from trunet import __version__
 from trunet.atomic import write_json
@@ -25,6 +24,7 @@ from trunet.pipeline.evaluation.references import (
     read_image_frames,
 )
 from trunet.pipeline.evaluation.summary import agreements, json_clean, summarise, write_csv
+from trunet.progress import track
 
 __all__ = ["PRED_SUFFIX", "run_evaluation"]
 
@@ -107,7 +107,7 @@ def run_evaluation(
     case_rows: list[dict[str, Any]] = []
     frame_rows: list[dict[str, Any]] = []
     written: list[Path] = []
-    for cid in tqdm(matched, desc="evaluate", unit="case"):
+    for cid in track(matched, "evaluate", "case", every=10):
         labels, meta = load_prediction(pred_files[cid], len(classes))
         r = refs[cid]
         ref_frames = load_reference(r, meta, len(classes))

@@ -22,6 +22,7 @@ from trunet.io import case_id_from_path, is_image_path, read_header, save_cine_l
 from trunet.pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from trunet.pipeline.inference.postprocess import keep_largest_components, probabilities_to_labels
 from trunet.pipeline.inference.predictor import Predictor, resolve_device
+from trunet.progress import is_terminal
 from trunet.transforms.compose import inference_transforms, invert_prediction
 
 __all__ = ["InputCase", "find_inputs", "run_prediction"]
@@ -262,7 +263,8 @@ def run_prediction(
 
     model = model_from_checkpoint(payload)
     dev = resolve_device(device, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    predictor = Predictor(model, preprocessing, config, device=dev, progress=True)
+    # a window bar on a terminal; redirected, the per-case line below is the progress (no '\r' floods)
+    predictor = Predictor(model, preprocessing, config, device=dev, progress=is_terminal())
     transforms = inference_transforms(preprocessing)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

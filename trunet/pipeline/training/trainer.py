@@ -32,7 +32,6 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from monai.data import DataLoader
 from torch import nn
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trunet.atomic import write_text
@@ -59,6 +58,7 @@ from trunet.pipeline.training.resume import check_resume_config
 from trunet.pipeline.training.signals import QuietWorkerInit, StopRequest, TrainingInterrupted
 from trunet.pipeline.training.tracking import Tracker
 from trunet.pipeline.training.validation import validate
+from trunet.progress import progress
 from trunet.transforms.compose import CLEAN_IMAGE, preprocessing_from_config
 
 __all__ = ["Trainer"]
@@ -376,7 +376,7 @@ class Trainer:
             with StopRequest() as stop, logging_redirect_tqdm():
                 while self.epoch < t.epochs:
                     t0 = time.perf_counter()
-                    if self._train_epoch(stop, tqdm):
+                    if self._train_epoch(stop):
                         self.save()
                         dist_utils.barrier(ctx)
                         signum = stop.signum or signal.SIGTERM
@@ -390,14 +390,15 @@ class Trainer:
                 self.tracker.finish(exit_code=exit_code)
         return self.run_dir
 
-    def _train_epoch(self, stop: StopRequest, tqdm: Any) -> bool:
-        """The remaining steps of the current epoch, with a progress bar and W&B scalars every
-        ``log_every`` steps. Returns True when a stop was requested (the epoch is then unfinished)."""
+    def _train_epoch(self, stop: StopRequest) -> bool:
+        """The remaining steps of the current epoch, with a progress bar (one log line per ``log_every``
+        steps when stderr is not a terminal) and W&B scalars every ``log_every`` steps. Returns True when
+        a stop was requested (the epoch is then unfinished)."""
         t = self.t
         epoch, start = self.epoch, self.epoch_iteration
         samples_per_step = t.batch_size * self.ctx.world_size
-        bar = tqdm(total=t.iterations_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{t.epochs}",
-                   unit="step", disable=not self.ctx.is_main, leave=False, dynamic_ncols=True)
+        bar = progress(t.iterations_per_epoch, f"epoch {epoch + 1}/{t.epochs}", "step", initial=start,
+                       every=self.config.tracking.wandb.log_every, disable=not self.ctx.is_main)
         t0 = window_t0 = time.perf_counter()
         window_loss, window_n, window_steps = 0.0, 0, 0
         stopped = False
