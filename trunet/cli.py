@@ -2,9 +2,10 @@
 
 Commands (DESIGN.md section 6)::
 
-    trunet phantom  --out DIR [--cases N] [--seed S]
+    trunet phantom  --out DIR [--cases N] [--seed S] [--dicom]
     trunet train    --config C [--data PATH] [--run-dir DIR] [--resume] [key=value ...]
-    trunet predict  --checkpoint CKPT --input FILE|DIR|datalist.json --output DIR [options]
+    trunet predict  --checkpoint CKPT --input FILE|DIR|DICOM-DIR|datalist.json --output DIR
+                    [--output-format nifti dicom-seg] [options]
     trunet evaluate --pred DIR --ref DIR|datalist.json|ACDC-root --out DIR
     trunet plan     --config C [--vram-gb 40] [--headroom 0.1] [--out FRAGMENT.yaml]
 
@@ -34,8 +35,9 @@ EXIT_INTERRUPTED = 130
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from trunet.data.phantom import write_phantom_dataset
 
-    datalist = write_phantom_dataset(args.out, cases=args.cases, seed=args.seed)
-    print(f"wrote {args.cases} phantom cases in ACDC layout to {args.out}; datalist: {datalist}")
+    datalist = write_phantom_dataset(args.out, cases=args.cases, seed=args.seed, dicom=args.dicom)
+    print(f"wrote {args.cases} phantom cases in ACDC layout to {args.out}; datalist: {datalist}"
+          + (f"; DICOM cines under {args.out / 'dicom'}" if args.dicom else ""))
     return 0
 
 
@@ -69,6 +71,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         postprocess=False if args.no_postprocess else None,  # None: the checkpoint's infer.postprocess
         save_probabilities=args.save_probabilities,
         cpu_bf16=None if args.cpu_precision is None else args.cpu_precision == "bf16",
+        output_formats=args.output_format,
     )
     return 0
 
@@ -103,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (created; existing cases are not overwritten)")
     p.add_argument("--cases", type=int, default=10, help="number of patients (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same cases (default: 0)")
+    p.add_argument("--dicom", action="store_true",
+                   help="also write each cine as DICOM MR (one series per slice) under OUT/dicom/<case>/, and "
+                        "OUT/datalist_dicom.json whose images are those folders")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("train", help="train a time-resolved UNet (also under torchrun for several GPUs)")
@@ -116,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment every frame of cine scans with a trained checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/best.pt")
-    p.add_argument("--input", type=Path, required=True, help="a 4D image file, a folder of them, or a datalist JSON")
+    p.add_argument("--input", type=Path, required=True,
+                   help="a 4D image file, a DICOM cine folder (or enhanced .dcm), a folder of them, or a datalist JSON")
     p.add_argument("--output", type=Path, required=True, help="output folder for <case>_seg.nii.gz")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: from the checkpoint)")
@@ -130,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-precision", choices=["bf16", "float32"], default=None,
                    help="precision of the network on the CPU (default: bf16 where the CPU has bf16 instructions, "
                         "else float32)")
+    p.add_argument("--output-format", nargs="+", choices=["nifti", "dicom-seg"], default=["nifti"],
+                   help="nifti: <case>_seg.nii.gz (default); dicom-seg: for DICOM input, <case>_seg_dicom/, a DICOM "
+                        "SEG series (one instance per cardiac frame) referencing the source images; both: list both")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice/HD95, volumes, EF, mass and temporal consistency against references")

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from trunet.atomic import write_json, write_text
 from trunet.errors import DataError, TrunetError
+from trunet.data.phantom_dicom import write_dicom_cine
 from trunet.io import CineMeta, NiftiIO
 
 __all__ = [
@@ -751,8 +752,14 @@ def write_phantom_dataset(
     *,
     inplane_scale: float = 1.0,
     max_frames: int | None = None,
+    dicom: bool = False,
 ) -> Path:
     """Write ``cases`` phantom patients in the ACDC layout plus ``datalist.json``; return the datalist path.
+
+    With ``dicom`` each cine is also written as DICOM MR images, one series per slice position with
+    oblique orientation and trigger times (:func:`~trunet.data.phantom_dicom.write_dicom_cine`), under
+    ``out_dir/dicom/patientNNN/``, and ``datalist_dicom.json`` lists those folders as images (labels the
+    same NIfTI files).
 
     ``out_dir/patientNNN/`` holds ``Info.cfg``, ``patientNNN_4d.nii.gz`` (int16 ``(x, y, z, t)``,
     pixdim[4] = time step in ms), ``patientNNN_4d_gt.nii.gz`` (dense uint8 labels), and
@@ -778,10 +785,17 @@ def write_phantom_dataset(
                                   "(remove it or choose another --out)")
     items = []
     start = time.perf_counter()
+    dicom_items = []
     for i, cid in enumerate(tqdm(ids, desc="phantom", unit="case", disable=None)):
         case = simulate_case(seed, i, inplane_scale=inplane_scale, max_frames=max_frames)
         items.append(write_case(case, out / cid, cid))
+        if dicom:
+            write_dicom_cine(case.image, case.affine, case.time_step_ms, out / "dicom" / cid, layout="per-slice",
+                             patient_id=cid, uid_seed=f"trunet-phantom-{seed}-{i}")
+            dicom_items.append({**items[-1], "image": f"dicom/{cid}"})
     elapsed = time.perf_counter() - start
     logger.info("phantom: %d cases in %.1f s (%.2f s per case) under %s", cases, elapsed, elapsed / cases, out)
     write_json(datalist, {"training": items, "validation": [], "test": []})
+    if dicom:
+        write_json(out / "datalist_dicom.json", {"training": dicom_items, "validation": [], "test": []})
     return datalist

@@ -4,6 +4,7 @@ A format is an :class:`ImageIO`: it claims file names (:meth:`ImageIO.handles`),
 voxels (:meth:`ImageIO.read_header`) and reads voxels as ``(x, y, z, t)`` (``t = 1`` for a 3D file) with
 their :class:`~trunet.io.meta.CineMeta`. Writing is optional (:meth:`ImageIO.write`). New formats (a DICOM
 series reader, say) subclass :class:`ImageIO` and call :func:`register`; :func:`format_for` then finds them.
+A format with ``reads_folders`` may claim a whole folder (:func:`folder_format`), as DICOM does.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from trunet.errors import DataError
 from trunet.io.meta import CineMeta
 
-__all__ = ["ImageIO", "Reader", "register", "registered", "format_for"]
+__all__ = ["ImageIO", "Reader", "register", "registered", "format_for", "folder_format"]
 
 Reader = Literal["auto", "nibabel", "sitk"]
 
@@ -27,10 +28,12 @@ class ImageIO:
     Attributes:
         name: what ``reader=`` selects it by (``"nibabel"``, ``"sitk"``, ...).
         suffixes: lower-case file name endings it claims when ``reader="auto"``.
+        reads_folders: it may claim a folder (a DICOM series), which then is not a folder of per-frame files.
     """
 
     name: str = ""
     suffixes: tuple[str, ...] = ()
+    reads_folders: bool = False
 
     def handles(self, path: Path) -> bool:
         """True when this format claims ``path`` by its name."""
@@ -64,6 +67,12 @@ def registered() -> list[ImageIO]:
     return list(_REGISTRY)
 
 
+def folder_format(folder: Path) -> Optional[ImageIO]:
+    """The format that claims ``folder`` as one image (a DICOM series folder), or ``None`` (a folder of
+    per-frame files)."""
+    return next((fmt for fmt in _REGISTRY if fmt.reads_folders and fmt.handles(folder)), None)
+
+
 def format_for(path: Path, reader: str = "auto") -> ImageIO:
     """The format that reads ``path``: the one named ``reader``, or with ``"auto"`` the first that claims the
     file name.
@@ -82,6 +91,6 @@ def format_for(path: Path, reader: str = "auto") -> ImageIO:
             return fmt
     raise DataError(
         path,
-        "not an image: unsupported file type (expected .nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr or a folder "
-        "of per-frame 3D files)",
+        "not an image: unsupported file type (expected .nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr, .dcm, a DICOM "
+        "folder or a folder of per-frame 3D files)",
     )

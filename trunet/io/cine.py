@@ -1,7 +1,7 @@
 """Cines and labels as trunet holds them: ``(T, X, Y, Z)`` arrays, time first, with their geometry.
 
-A cine on disk is ``(x, y, z, t)`` (4D NIfTI as ACDC stores it, a 4D ``.mha``/``.nrrd``, or a folder of
-one 3D file per frame). In memory it is ``(T, X, Y, Z)``: time first, so MONAI treats it as the channel
+A cine on disk is ``(x, y, z, t)`` (4D NIfTI as ACDC stores it, a 4D ``.mha``/``.nrrd``, a DICOM cine, or
+a folder of one 3D file per frame). In memory it is ``(T, X, Y, Z)``: time first, so MONAI treats it as the channel
 axis and applies one geometry to all frames. The file formats are the :class:`~trunet.io.base.ImageIO`
 classes of the registry (:func:`~trunet.io.base.format_for`); this module adds what a cine needs on top:
 the time axis moved first, NaN checks, label value checks, sparse per-frame labels, and writing a
@@ -19,7 +19,7 @@ from typing import Mapping, Optional, Union
 import numpy as np
 
 from trunet.errors import DataError
-from trunet.io.base import Reader
+from trunet.io.base import Reader, folder_format
 from trunet.io.frames import FrameFolder, frame_files, read_file, read_file_header
 from trunet.io.meta import NIFTI_SUFFIXES, CineMeta, check_readable, same_affine
 from trunet.io.nifti import NiftiIO
@@ -43,7 +43,8 @@ def read_header(path: PathLike, reader: Reader = "auto") -> CineMeta:
     p = Path(path)
     check_readable(p)
     if p.is_dir():
-        return FrameFolder.read_header(p, reader)
+        fmt = folder_format(p)
+        return fmt.read_header(p) if fmt is not None else FrameFolder.read_header(p, reader)
     return read_file_header(p, reader)
 
 
@@ -59,8 +60,9 @@ def load_cine(
     """Read a cine.
 
     Args:
-        path: a 4D NIfTI (nibabel), a 4D ``.mha``/``.mhd``/``.nrrd``/NIfTI (SimpleITK), or a folder of
-            per-frame 3D files (frames in natural name order).
+        path: a 4D NIfTI (nibabel), a 4D ``.mha``/``.mhd``/``.nrrd``/NIfTI (SimpleITK), a DICOM cine (a
+            series or study folder, or an enhanced multi-frame file; :mod:`trunet.io.dicom`), or a folder
+            of per-frame 3D files (frames in natural name order).
         allow_3d: accept a 3D image as a cine of one frame (with a warning) instead of raising.
         reader: ``auto`` picks nibabel for NIfTI and SimpleITK otherwise; ``nibabel``/``sitk`` force one.
 
@@ -74,7 +76,10 @@ def load_cine(
     """
     p = Path(path)
     check_readable(p)
-    if p.is_dir():
+    fmt = folder_format(p) if p.is_dir() else None
+    if fmt is not None:
+        data, meta = fmt.read(p, integer=False)  # a DICOM series folder
+    elif p.is_dir():
         data, meta = FrameFolder.read(p, reader, integer=False)
     else:
         data, meta = read_file(p, reader, integer=False)

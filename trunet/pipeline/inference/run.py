@@ -19,13 +19,17 @@ from trunet.data.cases import read_datalist
 from trunet.data.datasets import unwrap_data_errors
 from trunet.errors import CheckpointError, ConfigError, DataError, TrunetError
 from trunet.io import case_id_from_path, is_image_path, read_header, save_cine_like, strip_image_suffix
+from trunet.io.dicom import DICOM_SUFFIXES, dicom_cine_folders, is_dicom_folder, scan_dicom_cine
+from trunet.io.dicom_seg import write_dicom_seg
 from trunet.pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from trunet.pipeline.inference.postprocess import keep_largest_components, probabilities_to_labels
 from trunet.pipeline.inference.predictor import Predictor, resolve_device
 from trunet.progress import is_terminal
 from trunet.transforms.compose import inference_transforms, invert_prediction
 
-__all__ = ["InputCase", "find_inputs", "run_prediction"]
+__all__ = ["InputCase", "find_inputs", "run_prediction", "OUTPUT_FORMATS"]
+
+OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +56,8 @@ def _datalist_cases(path: Path) -> list[InputCase]:
 def _folder_cases(folder: Path, output_dir: Path, allow_3d: bool) -> list[InputCase]:
     cases, skipped_3d = [], 0
     out = output_dir.resolve()
+    # DICOM: one case per folder holding one study's images (the folder itself, or its subfolders)
+    cases += [InputCase(cine.name, cine) for cine in dicom_cine_folders(folder, exclude=out)]
     for path in sorted(folder.rglob("*"), key=lambda p: str(p)):
         if not path.is_file() or not is_image_path(path) or path.name.startswith("."):
             continue
@@ -64,8 +70,8 @@ def _folder_cases(folder: Path, output_dir: Path, allow_3d: bool) -> list[InputC
     if not cases:
         detail = f" ({skipped_3d} 3D files skipped: a cine is (x, y, z, t))" if skipped_3d else ""
         raise DataError(
-            folder, "no input images found (4D .nii.gz, .nii, .mha, .mhd or .nrrd, not named *_gt, *_seg, "
-            f"*_prob* or *_frameNN){detail}"
+            folder, "no input images found (DICOM series, or 4D .nii.gz, .nii, .mha, .mhd or .nrrd not named "
+            f"*_gt, *_seg, *_prob* or *_frameNN){detail}"
         )
     if skipped_3d:
         logger.info("%s: skipped %d 3D files (per-frame images are not cines)", folder, skipped_3d)
@@ -99,6 +105,8 @@ def find_inputs(inputs: Union[str, os.PathLike], output_dir: Union[str, os.PathL
         cases = _datalist_cases(path)
         if not cases:
             raise DataError(path, "the datalist lists no images")
+    elif path.name.lower().endswith(DICOM_SUFFIXES):
+        cases = [InputCase(path.name[: path.name.rfind(".")], path)]  # one enhanced multi-frame file
     else:
         cases = [InputCase(case_id_from_path(path), path)]
     seen: dict[str, Path] = {}
@@ -109,8 +117,16 @@ def find_inputs(inputs: Union[str, os.PathLike], output_dir: Union[str, os.PathL
     return cases
 
 
-def _output_paths(case: InputCase, output_dir: Path, classes: Sequence[str], probabilities: bool) -> list[Path]:
-    paths = [output_dir / f"{case.case_id}_seg.nii.gz"]
+def _is_dicom(image: Path) -> bool:
+    return image.name.lower().endswith(DICOM_SUFFIXES) or (image.is_dir() and is_dicom_folder(image))
+
+
+def _output_paths(case: InputCase, output_dir: Path, classes: Sequence[str], probabilities: bool,
+                  formats: Sequence[str] = ("nifti",)) -> list[Path]:
+    """The NIfTI label file first (when asked for), then the SEG folder, then probability files."""
+    paths = [output_dir / f"{case.case_id}_seg.nii.gz"] if "nifti" in formats else []
+    if "dicom-seg" in formats:
+        paths.append(output_dir / f"{case.case_id}_seg_dicom")
     if probabilities:
         for k, name in enumerate(classes):
             safe = re.sub(r"[^A-Za-z0-9-]+", "-", str(name)).strip("-") or f"class{k}"
@@ -118,16 +134,21 @@ def _output_paths(case: InputCase, output_dir: Path, classes: Sequence[str], pro
     return paths
 
 
-def _check_outputs(cases: Sequence[InputCase], output_dir: Path, classes: Sequence[str], probabilities: bool) -> None:
-    """Refuse to write over an input, or over an existing file that sits in an input's folder."""
+def _check_outputs(cases: Sequence[InputCase], output_dir: Path, classes: Sequence[str], probabilities: bool,
+                   formats: Sequence[str] = ("nifti",)) -> None:
+    """Refuse to write over an input, or over an existing file that sits in an input's folder; a DICOM SEG
+    needs a DICOM input."""
     if output_dir.exists() and not output_dir.is_dir():
         raise DataError(output_dir, "output must be a folder, this is a file")
     inputs = {c.image.resolve() for c in cases}
     input_dirs = {c.image.resolve().parent for c in cases}
     out = output_dir.resolve()
     for case in cases:
-        for target in _output_paths(case, output_dir, classes, probabilities):
-            if target.resolve() in inputs:
+        if "dicom-seg" in formats and not _is_dicom(case.image):
+            raise DataError(case.image, "--output-format dicom-seg needs a DICOM input (a SEG references its "
+                                        "source images); use --output-format nifti for this file")
+        for target in _output_paths(case, output_dir, classes, probabilities, formats):
+            if any(target.resolve() == i or target.resolve() in i.parents for i in inputs):
                 raise DataError(target, "is an input image; choose another --output folder")
             if target.exists() and out in input_dirs:
                 raise DataError(
@@ -177,6 +198,7 @@ def _predict_one(
     output_dir: Path,
     postprocess: bool,
     save_probabilities: bool,
+    formats: Sequence[str] = ("nifti",),
 ) -> list[Path]:
     header = read_header(case.image)
     with unwrap_data_errors():  # MONAI's Compose wraps a DataError (NaN, truncated file) in a RuntimeError
@@ -200,9 +222,15 @@ def _predict_one(
     labels = probabilities_to_labels(inverted)
     if postprocess:
         labels = keep_largest_components(labels, classes=range(1, num_classes))
-    targets = _output_paths(case, output_dir, predictor.classes, save_probabilities)
-    written = [save_cine_like(labels, case.image, targets[0], dtype=np.uint8)]
-    for k, target in enumerate(targets[1:]):
+    targets = _output_paths(case, output_dir, predictor.classes, save_probabilities, formats)
+    written = []
+    if "nifti" in formats:
+        written.append(save_cine_like(labels, case.image, targets.pop(0), dtype=np.uint8))
+    if "dicom-seg" in formats:
+        labels_np = labels.numpy() if hasattr(labels, "numpy") else np.asarray(labels)
+        written.append(targets[0])
+        write_dicom_seg(labels_np.astype(np.uint8), scan_dicom_cine(case.image), targets.pop(0), predictor.classes)
+    for k, target in enumerate(targets):
         written.append(save_cine_like(inverted[:, k].numpy(), case.image, target, dtype=np.float32))
     return written
 
@@ -218,6 +246,7 @@ def run_prediction(
     postprocess: Optional[bool] = None,
     save_probabilities: bool = False,
     cpu_bf16: Optional[bool] = None,
+    output_formats: Sequence[str] = ("nifti",),
 ) -> list[Path]:
     """Segment every frame of the input scans with a checkpoint (``trunet predict``).
 
@@ -227,7 +256,8 @@ def run_prediction(
 
     Args:
         checkpoint: a ``.pt`` written by training (``RUN/checkpoints/best.pt``).
-        inputs: a 4D image file, a folder of them or a datalist JSON (see :func:`find_inputs`).
+        inputs: a 4D image file, a DICOM cine folder, a folder of them or a datalist JSON (see
+            :func:`find_inputs`).
         output_dir: created if missing. For each case ``<case_id>_seg.nii.gz``: uint8 labels ``(x, y, z, t)``
             on the scan's exact grid (shape, affine, header, time step). With ``save_probabilities`` also
             ``<case_id>_prob_<k>_<class>.nii.gz`` per class ``k``: float32 softmax probabilities
@@ -238,6 +268,9 @@ def run_prediction(
         postprocess: keep the largest component per class and frame.
         cpu_bf16: bf16 autocast on the CPU (default: the checkpoint's ``infer.cpu_bf16``, normally on exactly
             where the CPU has bf16 instructions).
+        output_formats: ``"nifti"`` (the labels file above) and/or ``"dicom-seg"``: for a DICOM input, the
+            folder ``<case_id>_seg_dicom/`` holding a DICOM SEG series, one instance per cardiac frame
+            referencing its source images (:mod:`trunet.io.dicom_seg`).
 
     Returns:
         The written files, in case order. Each file is written atomically; nothing is written over an input.
@@ -255,7 +288,11 @@ def run_prediction(
     out_dir = Path(output_dir)
     cases = find_inputs(inputs, out_dir, allow_3d=allow_3d)
     classes = list(preprocessing["classes"])
-    _check_outputs(cases, out_dir, classes, save_probabilities)
+    formats = tuple(dict.fromkeys(output_formats))
+    unknown = [f for f in formats if f not in OUTPUT_FORMATS]
+    if unknown or not formats:
+        raise ConfigError(f"output format {unknown or formats} unknown; choose from {list(OUTPUT_FORMATS)}")
+    _check_outputs(cases, out_dir, classes, save_probabilities, formats)
     for case in cases:
         meta = read_header(case.image)
         if meta.ndim == 3 and not allow_3d:
@@ -270,7 +307,7 @@ def run_prediction(
     written: list[Path] = []
     for case in cases:
         start = time.perf_counter()
-        files = _predict_one(case, predictor, transforms, out_dir, config.postprocess, save_probabilities)
+        files = _predict_one(case, predictor, transforms, out_dir, config.postprocess, save_probabilities, formats)
         meta = read_header(case.image)
         logger.info(
             "%s: %s x %d frames, %.1f s on %s%s -> %s",
