@@ -235,3 +235,27 @@ def test_cli_predict_on_a_dicom_folder_of_cases(checkpoint, tmp_path, capsys):
                  "--output-format", "dicom-seg"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs a DICOM input" in err[0]
+
+
+@pytest.mark.slow
+def test_phantom_dicom_datalist_trains_predicts_and_evaluates(tmp_path):
+    """The DICOM folders of ``trunet phantom --dicom`` go through train (datalist images), predict and
+    evaluate (the reference datalist's images are DICOM folders; the overlay figure reads them)."""
+    from trunet.config import load_config
+    from trunet.data.phantom import write_phantom_dataset
+    from trunet.pipeline.evaluation import run_evaluation
+    from trunet.pipeline.training import run_training
+
+    data = tmp_path / "data"
+    write_phantom_dataset(data, cases=2, seed=1, inplane_scale=3.0, max_frames=4, dicom=True)
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    config = load_config(tiny, [f"data.root={data / 'datalist_dicom.json'}", "tracking.wandb.mode=disabled",
+                                "train.epochs=1", "train.iterations_per_epoch=1"])
+    run = run_training(config, run_dir=tmp_path / "run", config_path=tiny)
+    assert (run / "checkpoints" / "best.pt").is_file()
+    pred = tmp_path / "pred"
+    run_prediction(run / "checkpoints" / "best.pt", data / "dicom" / "patient002", pred, device="cpu")
+    assert sorted(p.name for p in pred.iterdir()) == ["patient002_seg.nii.gz"]
+    summary = run_evaluation(pred, data / "datalist_dicom.json", tmp_path / "report")
+    assert summary["n_cases"] == 1 and summary["missing_predictions"] == ["patient001"]
+    assert any(f.endswith("_overlay.png") for f in summary["files"])
