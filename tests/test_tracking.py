@@ -4,6 +4,7 @@ everything inside the run folder, and failures that switch tracking off instead 
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -155,3 +156,66 @@ def test_env_points_inside_run(tmp_path):
     assert env["WANDB_DIR"] == str((tmp_path / "r").resolve())
     for key in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_ARTIFACT_DIR"):
         assert env[key].startswith(str((tmp_path / "r" / "wandb").resolve()))
+
+
+def _demo_sized_case(index: int) -> dict:
+    """A validation visual of the demo's size: a phantom cine at about 3 mm in plane (the demo trains at
+    3 x 3 x 8 mm), the reference labelled at ED and ES only, the prediction the label shifted by one voxel."""
+    from trunet.data.phantom import simulate_case
+
+    case = simulate_case(0, index, inplane_scale=2.0)
+    image, label = np.moveaxis(case.image, -1, 0), np.moveaxis(case.label, -1, 0).astype(np.int64)
+    pred = np.roll(label, 1, axis=1)
+    sparse = np.full_like(label, 255)
+    sparse[[case.ed, case.es]] = label[[case.ed, case.es]]
+    voxel_ml = float(np.prod(case.spacing)) / 1000.0
+    vol = np.stack([(pred == c).sum(axis=(1, 2, 3)) for c in range(4)], 1) * voxel_ml
+    ref = np.full(vol.shape, np.nan)
+    ref[[case.ed, case.es]] = np.stack([(label[[case.ed, case.es]] == c).sum(axis=(1, 2, 3)) for c in range(4)], 1) * voxel_ml
+    return {"case_id": f"patient{index + 1:03d}", "image": image, "pred": pred, "label": sparse,
+            "frames": {"ED": case.ed, "ES": case.es}, "volumes": {"pred": vol, "ref": ref}}
+
+
+def test_dashboard_media_are_readable_and_bounded(tmp_path, monkeypatch, configs_dir):
+    """What the dashboard shows for one validation of two demo-sized cases: sizes and bytes read back
+    from the offline run's files."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    config = load_config(configs_dir / "tiny.yaml", ["tracking.wandb.num_val_images=2"])
+    run_dir = tmp_path / "run"
+    tracker = Tracker(config, run_dir)
+    visuals = [_demo_sized_case(0), _demo_sized_case(1)]
+    rows = [{"case_id": v["case_id"], "dice/LV": 0.9, "LV_EDV_pred": 1.0, "LV_EDV_ref": 1.1} for v in visuals]
+    tracker.log_validation(5, {"val/mean_dice": 0.8}, rows, visuals)
+    tracker.finish()
+    (wandb_file,) = wandb_files(run_dir)
+    item = {r["step"]["num"]: r["item"] for r in records_of(read_wandb_records(wandb_file), "history")}[5]
+    media_dir = wandb_file.parent / "files"
+    sizes: dict[str, dict] = {}
+
+    def png(key: str) -> Image.Image:
+        return Image.open(media_dir / item[f"{key}.path"])
+
+    for visual in visuals:
+        case = visual["case_id"]
+        t, x, y, z = visual["image"].shape
+        factor = -(-256 // max(x, y))  # the smallest integer factor reaching 256 pixels
+        ed = png(f"val_images/{case}/ED")
+        assert ed.size == (x * factor, y * factor) and max(ed.size) >= 256
+        mask = Image.open(media_dir / item[f"val_images/{case}/ED.masks.prediction.path"])
+        assert mask.size == ed.size
+        assert set(np.unique(np.asarray(mask))) <= {0, 1, 2, 3}  # upsampled without blending classes
+        np.testing.assert_array_equal(np.asarray(mask)[::factor, ::factor], visual["pred"][visual["frames"]["ED"], :, :, z // 2].T)
+        gif = Image.open(media_dir / item[f"val_cine/{case}.path"])
+        assert gif.n_frames == t and gif.size == (2 * x * factor + 4, y * factor)  # prediction | reference
+        montage = png(f"val_montage/{case}")
+        tile = -(-96 // max(x, y))
+        assert montage.size == (z * (x * tile + 2), 4 * (y * tile + 2))  # slices x (ED, ES) x (pred, ref)
+        sizes[case] = {"still": ed.size, "gif": gif.size, "montage": montage.size}
+        assert png(f"val_volumes/{case}").size == (400, 240)
+    table = json.loads((media_dir / item["val/cases.path"]).read_text())
+    assert table["columns"] == ["case_id", "dice/LV", "LV_EDV_pred", "LV_EDV_ref"]
+    media_files = [p for p in (media_dir / "media").rglob("*") if p.is_file()]
+    per_validation = sum(p.stat().st_size for p in media_files)
+    print(f"bytes per validation (2 demo-sized cases): {per_validation}; sizes {sizes}; " + ", ".join(
+        f"{p.parent.name}/{p.name[:12]} {p.stat().st_size}" for p in sorted(media_files)))
+    assert per_validation < 2_500_000  # ~1.1 MB per shown case, bounded by tracking.wandb.num_val_images

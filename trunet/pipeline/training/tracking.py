@@ -21,11 +21,23 @@ What is logged (W&B step = optimizer step):
     * ``train/loss``, ``train/lr``, ``train/samples_per_s`` (and on CUDA ``train/gpu_mem_gb``) every
       ``log_every`` steps; ``epoch/*`` summary scalars once per epoch;
     * ``val/dice/<class>``, ``val/hd95/<class>``, ``val/mean_dice``;
-    * for the first ``num_val_images`` validation cases: a mid-slice ``wandb.Image`` at ED and ES with
-      ``masks`` ``prediction`` and ``ground_truth`` and named ``class_labels``, and a cine GIF of the
-      prediction over all frames through ``wandb.Video``;
-    * a per-case ``wandb.Table`` (Dice and HD95 per class);
+    * for the first ``num_val_images`` validation cases (pictures from :mod:`.media`, upsampled by an
+      integer factor with nearest-neighbour repetition to at least 256 pixels on the long side, so masks
+      stay crisp): a mid-slice ``wandb.Image`` at ED and ES with ``masks`` ``prediction`` and
+      ``ground_truth`` and named ``class_labels`` (``val_images/<case>/ED|ES``); a cine GIF of the mid
+      slice over all frames, prediction beside reference (``val_cine/<case>``, ``wandb.Video``); a montage
+      of every slice at ED and ES, prediction and reference rows (``val_montage/<case>``);
+    * a per-case ``wandb.Table`` (``val/cases``): Dice and HD95 per class, LV/RV EDV, ESV and EF predicted
+      and reference; for the shown cases the LV/RV volume curves as an image (``val_volumes/<case>``; not a
+      table cell, since an offline run keeps only the type name of media inside a table);
     * checkpoints as artifacts of type ``model`` with aliases ``best`` and ``latest``.
+
+Bytes per validation, measured by ``tests/test_tracking.py`` on two phantom cases of the demo's size (about
+3 mm in plane, 50-70 pixels across, 10-14 slices, 20-25 frames): about 2.0 MB with ``num_val_images: 2``,
+i.e. ~1 MB per shown case: the cine GIF ~0.75-0.9 MB (460 x 288 and 548 x 212 pixels: two panels of at
+least 256 pixels), the montage ~150-200 kB (1276 x 584 and 1932 x 432, 64-colour PNG), the ED/ES stills
+with their masks ~7 kB each (228 x 288, 272 x 212), the volume curves ~19 kB (400 x 240), the table <1 kB. The
+total grows with ``num_val_images`` only, not with the number of validation cases.
 
 GIFs are encoded here with Pillow (a dependency of matplotlib) and handed to ``wandb.Video`` as bytes:
 ``wandb.Video`` only encodes raw arrays through ``moviepy`` + ``imageio``, which are not dependencies
@@ -44,6 +56,7 @@ import numpy as np
 
 from trunet.atomic import write_text
 from trunet.config import Config, WandbConfig
+from trunet.pipeline.training import media
 
 __all__ = [
     "Tracker",
@@ -58,12 +71,6 @@ logger = logging.getLogger(__name__)
 
 RUN_ID_FILE = "trunet-run-id"
 """File in ``RUN/wandb/`` holding the W&B run id, so ``--resume`` continues the same W&B run."""
-
-# RGB colours of classes 1.. (background is transparent): RV blue, MYO green, LV red, then others.
-_PALETTE = np.array(
-    [[0, 114, 255], [0, 200, 80], [230, 40, 40], [255, 200, 0], [200, 0, 200], [0, 200, 200]],
-    dtype=np.float32,
-)
 
 
 def wandb_env(run_dir: str | os.PathLike) -> dict[str, str]:
@@ -98,52 +105,37 @@ def resolve_wandb_settings(cfg: WandbConfig, environ: Mapping[str, str] | None =
     }
 
 
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    """Intensities to 0..255 by the 1st-99th percentile window (robust to outliers)."""
-    image = np.asarray(image, dtype=np.float32)
-    lo, hi = np.percentile(image, [1.0, 99.0]) if image.size else (0.0, 1.0)
-    if hi <= lo:
-        hi = lo + 1.0
-    return (np.clip((image - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def overlay_frames(image: np.ndarray, seg: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Colour overlays of a segmentation on grey frames.
-
-    Args:
-        image: ``(T, H, W)`` intensities (one slice over time).
-        seg: ``(T, H, W)`` integer labels (0 = background, left grey).
-        alpha: opacity of the class colours.
-
-    Returns:
-        ``(T, H, W, 3)`` uint8 RGB frames.
-    """
-    grey = _to_uint8(image).astype(np.float32)
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    seg = np.asarray(seg)
-    for value in np.unique(seg):
-        if value <= 0:
-            continue
-        colour = _PALETTE[(int(value) - 1) % len(_PALETTE)]
-        where = seg == value
-        rgb[where] = (1.0 - alpha) * rgb[where] + alpha * colour
-    return rgb.clip(0, 255).astype(np.uint8)
+    """Colour overlays of a segmentation on grey frames: ``(T, H, W)`` intensities and integer labels ->
+    ``(T, H, W, 3)`` uint8 RGB (background grey); see :func:`media.overlay`."""
+    return media.overlay(media.to_uint8(image), seg, alpha)
 
 
-def encode_gif(frames: np.ndarray, fps: float = 10.0) -> bytes:
-    """``(T, H, W, 3)`` uint8 frames -> the bytes of a looping GIF (Pillow)."""
+def encode_gif(frames: np.ndarray, fps: float = 10.0, colors: int = 64) -> bytes:
+    """``(T, H, W, 3)`` uint8 frames -> the bytes of a looping GIF (Pillow), ``colors`` colours per frame."""
     from PIL import Image
 
     frames = np.asarray(frames, dtype=np.uint8)
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"encode_gif needs (T, H, W, 3) uint8 frames, got shape {frames.shape}")
-    images = [Image.fromarray(f) for f in frames]
+    # one 64-colour palette per frame without dithering: the noise of MR images dithered into a GIF
+    # compresses badly, and 64 colours keep the grey ramp and the class colours apart (~20% fewer bytes
+    # than Pillow's default 256 colours on a phantom cine)
+    images = [Image.fromarray(f).quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+              for f in frames]
     buffer = io.BytesIO()
     images[0].save(
         buffer, format="GIF", save_all=True, append_images=images[1:],
-        duration=max(20, int(round(1000.0 / fps))), loop=0,
+        duration=max(20, int(round(1000.0 / fps))), loop=0, optimize=True,
     )
     return buffer.getvalue()
+
+
+def _palette_image(rgb: np.ndarray, colors: int = 64) -> Any:
+    """An RGB array as a 64-colour palette PIL image (no dithering): a PNG of a third of the bytes."""
+    from PIL import Image
+
+    return Image.fromarray(rgb).quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
 
 
 def mid_slice_images(
@@ -153,8 +145,10 @@ def mid_slice_images(
     frames: Mapping[str, int],
     classes: Sequence[str],
     case_id: str,
+    min_long_side: int = media.MIN_LONG_SIDE,
 ) -> dict[str, Any]:
-    """``wandb.Image`` of the mid slice at the named frames, with prediction and ground-truth masks.
+    """``wandb.Image`` of the mid slice at the named frames, with prediction and ground-truth masks, image
+    and masks upsampled together (nearest) to ``min_long_side`` pixels on the long side.
 
     Args:
         image / pred / label: ``(T, X, Y, Z)`` arrays of one case (label may be None).
@@ -166,17 +160,19 @@ def mid_slice_images(
     import wandb
 
     z = image.shape[-1] // 2
+    f = media.upsample_factor(image.shape[1:3][::-1], min_long_side)
     class_labels = {i: name for i, name in enumerate(classes)}
     out = {}
     for name, t in frames.items():
-        prediction = np.asarray(pred[t, :, :, z]).T.astype(np.uint8)
+        prediction = media.upsample(np.asarray(pred[t, :, :, z]).T.astype(np.uint8), f)
         masks = {"prediction": {"mask_data": prediction, "class_labels": class_labels}}
         if label is not None:
             gt = np.asarray(label[t, :, :, z]).T.astype(np.int64)
             gt = np.where((gt >= 0) & (gt < len(classes)), gt, 0).astype(np.uint8)
-            masks["ground_truth"] = {"mask_data": gt, "class_labels": class_labels}
+            masks["ground_truth"] = {"mask_data": media.upsample(gt, f), "class_labels": class_labels}
         out[name] = wandb.Image(
-            _to_uint8(image[t, :, :, z].T), masks=masks, caption=f"{case_id} {name} (frame {t}, slice {z})"
+            media.upsample(media.to_uint8(image[t, :, :, z].T), f), masks=masks,
+            caption=f"{case_id} {name} (frame {t}, slice {z}, x{f} nearest)",
         )
     return out
 
@@ -294,27 +290,31 @@ class Tracker:
             import wandb
 
             data: dict[str, Any] = dict(scalars)
+            for visual in visuals[: max(0, self.cfg.num_val_images)]:
+                case_id = str(visual["case_id"])
+                image, pred, label = visual["image"], visual["pred"], visual.get("label")
+                images = mid_slice_images(image, pred, label, visual["frames"], self.classes, case_id)
+                for frame_name, img in images.items():
+                    data[f"val_images/{case_id}/{frame_name}"] = img
+                z = image.shape[-1] // 2
+                gif = io.BytesIO(encode_gif(media.compare_panels(image, pred, label, z)))
+                data[f"val_cine/{case_id}"] = wandb.Video(
+                    gif, caption=f"{case_id} slice {z}: prediction (left), reference (right)", format="gif"
+                )
+                frames = visual["frames"]
+                data[f"val_montage/{case_id}"] = wandb.Image(
+                    _palette_image(media.montage(image, pred, label, frames)),
+                    caption=f"{case_id}: every slice at " + ", ".join(f"{k} (frame {v})" for k, v in frames.items())
+                    + "; rows prediction / reference",
+                )
+                if visual.get("volumes") is not None:  # not a table cell: offline, wandb drops media in tables
+                    data[f"val_volumes/{case_id}"] = wandb.Image(media.volume_curve(
+                        visual["volumes"]["pred"], visual["volumes"]["ref"], self.classes,
+                        f"{case_id}: volumes, prediction (line) and reference (dots)"))
             if per_case:
                 columns = list(per_case[0].keys())
                 data["val/cases"] = wandb.Table(
                     columns=columns, data=[[row.get(c) for c in columns] for row in per_case]
-                )
-            for visual in visuals[: max(0, self.cfg.num_val_images)]:
-                case_id = str(visual["case_id"])
-                images = mid_slice_images(
-                    visual["image"], visual["pred"], visual.get("label"), visual["frames"], self.classes,
-                    case_id,
-                )
-                for frame_name, img in images.items():
-                    data[f"val_images/{case_id}/{frame_name}"] = img
-                z = visual["image"].shape[-1] // 2
-                frames = overlay_frames(
-                    np.asarray(visual["image"])[:, :, :, z].transpose(0, 2, 1),
-                    np.asarray(visual["pred"])[:, :, :, z].transpose(0, 2, 1),
-                )
-                gif = io.BytesIO(encode_gif(frames))
-                data[f"val_cine/{case_id}"] = wandb.Video(
-                    gif, caption=f"{case_id} prediction, slice {z}", format="gif"
                 )
             self.run.log(data, step=int(step))
         except Exception as exc:  # noqa: BLE001

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trunet.pipeline.evaluation.metrics import overlap_scores
+from trunet.pipeline.evaluation.case import structure_index
+from trunet.pipeline.evaluation.clinical import ventricle_indices
+from trunet.pipeline.evaluation.metrics import class_volumes, overlap_scores
 from trunet.pipeline.inference.predictor import Predictor
 from trunet.pipeline.training import distributed as dist_utils
 from trunet.pipeline.training.distributed import DistContext
@@ -44,8 +46,10 @@ def validate(
 
     Returns:
         ``{"scalars": {"val/dice/<class>", "val/hd95/<class>", "val/mean_dice"}, "rows": per-case rows
-        (sorted by case id), "visuals": [...]}``; a stray ``ignore_index`` voxel in a labelled frame counts as
-        background.
+        (sorted by case id; Dice, HD95 and, for LV and RV, EDV/ESV (ml) and EF (%) predicted and reference at
+        the case's ED and ES frames), "visuals": [...] (with ``volumes``: ``{"pred", "ref"}`` ``(T, K)`` ml,
+        reference NaN on unlabelled frames)}``; a stray ``ignore_index`` voxel in a labelled frame counts
+        as background.
     """
     k = len(classes)
     rows: list[dict[str, Any]] = []
@@ -72,15 +76,27 @@ def validate(
         for j, name in enumerate(classes[1:]):
             row[f"hd95/{name}"] = nanmean(hd[:, j])
         row["mean_dice"] = nanmean(torch.tensor([row[f"dice/{n}"] for n in classes[1:]]))
+        record = records.get(case_id, {})
+        labelled = torch.nonzero(frames).flatten().tolist()
+        ed = int(record.get("ed") if record.get("ed") is not None else labelled[0])
+        es = int(record.get("es") if record.get("es") is not None else labelled[-1])
+        vol_pred = class_volumes(pred.numpy(), k, spacing)  # (T, K) ml
+        vol_ref = class_volumes(np.where(label.numpy() < k, label.numpy(), 0), k, spacing)
+        vol_ref[~frames.numpy()] = np.nan
+        for name, idx in sorted(structure_index(classes).items()):
+            if name == "MYO":
+                continue
+            p_idx = ventricle_indices(vol_pred[ed, idx], vol_pred[es, idx])
+            r_idx = ventricle_indices(vol_ref[ed, idx], vol_ref[es, idx])
+            for key in ("EDV", "ESV", "EF"):
+                row[f"{name}_{key}_pred"] = round(p_idx[key], 2)
+                row[f"{name}_{key}_ref"] = round(r_idx[key], 2)
         rows.append(row)
         if len(visuals) < shown:
-            record = records.get(case_id, {})
-            labelled = torch.nonzero(frames).flatten().tolist()
-            ed = record.get("ed") if record.get("ed") is not None else labelled[0]
-            es = record.get("es") if record.get("es") is not None else labelled[-1]
             visuals.append({
                 "case_id": case_id, "image": np.asarray(torch.as_tensor(image).cpu()),
-                "pred": pred.numpy(), "label": label.numpy(), "frames": {"ED": int(ed), "ES": int(es)},
+                "pred": pred.numpy(), "label": label.numpy(), "frames": {"ED": ed, "ES": es},
+                "volumes": {"pred": vol_pred, "ref": vol_ref},
             })
     gathered = dist_utils.all_gather_objects(rows, ctx)
     rows = sorted((r for part in gathered for r in part), key=lambda r: r["case_id"])
