@@ -220,6 +220,22 @@ def test_dicom_seg_round_trip_equals_the_nifti_output(checkpoint, tmp_path, layo
     assert not list(folder.rglob("*seg*"))  # nothing written into the input
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "same array, affines 1e-7 apart, yet MONAI's Spacing (compute_shape_offset: np.allclose(..., 0) with "
+    "atol 1e-8) anchors the output grid at the first voxel for one and centres it for the other: grids half a "
+    "voxel apart, so an untrained model's near-ties flip; fix in the transform chain, then drop this mark"))
+def test_dicom_and_its_nifti_conversion_predict_the_same(checkpoint, tmp_path):
+    folder = _dicom(tmp_path / "case7")
+    image, affine = _cine()
+    nifti_in = write_nifti(tmp_path / "nifti" / "case7.nii.gz", image.astype(np.int16), affine, time_step=STEP_MS)
+    a, meta = load_cine(folder)
+    b, ref = load_cine(nifti_in)
+    assert np.array_equal(a, b) and np.allclose(meta.affine, ref.affine, atol=1e-5)  # the inputs agree
+    (from_dicom,) = run_prediction(checkpoint, folder, tmp_path / "pred-dicom", device="cpu")
+    (from_nifti,) = run_prediction(checkpoint, nifti_in, tmp_path / "pred-nifti", device="cpu")
+    assert np.array_equal(np.asarray(nib.load(from_dicom).dataobj), np.asarray(nib.load(from_nifti).dataobj))
+
+
 def test_cli_predict_on_a_dicom_folder_of_cases(checkpoint, tmp_path, capsys):
     root = tmp_path / "dicom"
     for name in ("p1", "p2"):

@@ -80,6 +80,16 @@ def test_readme_commands_run_as_written(tmp_path):
         assert out.shape == ref.shape and np.allclose(out.affine, ref.affine, atol=1e-4)
         assert out.get_data_dtype() == np.uint8
     assert (run / "pred-tta" / "patient001_seg.nii.gz").is_file()
+    # the DICOM export of the held-out cines: a prediction on the NIfTI file's grid, and a SEG series per cine
+    # (voxel-for-voxel equality with the NIfTI input's prediction is tested in test_dicom.py: here the
+    # phantom's float32 NIfTI affine and the DICOM one differ by 1e-7, which can move MONAI's resampling grid)
+    for image in heldout:
+        name = image.name.replace("_4d.nii.gz", "_seg.nii.gz")
+        from_dicom, from_nifti = nib.load(run / "pred-dicom" / name), nib.load(run / "pred" / name)
+        assert np.allclose(from_dicom.affine, from_nifti.affine, atol=1e-4)
+        assert from_dicom.shape == from_nifti.shape and from_dicom.get_data_dtype() == np.uint8
+        seg_dir = run / "pred-dicom" / name.replace("_seg.nii.gz", "_seg_dicom")
+        assert len(list(seg_dir.glob("frame_*.dcm"))) == from_dicom.shape[3]
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["n_cases"] == 2
     plan_out = next(v for k, v in outputs.items() if k.startswith("trunet plan"))
