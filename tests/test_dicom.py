@@ -218,6 +218,8 @@ def test_dicom_seg_round_trip_equals_the_nifti_output(checkpoint, tmp_path, layo
     assert refs == {p.series_instance_uid for s in cine.planes for p in s}
     assert seg.StudyInstanceUID == cine.planes[0][0].study_instance_uid
     assert not list(folder.rglob("*seg*"))  # nothing written into the input
+    with pytest.raises(DataError, match="inside an input folder"):  # nor will be
+        run_prediction(checkpoint, folder, folder / "pred", device="cpu", output_formats=("dicom-seg",))
 
 
 @pytest.mark.xfail(strict=True, reason=(

@@ -285,8 +285,8 @@ def _planes(files: list[Path]) -> list[Plane]:
     planes: list[Plane] = []
     for path in files:
         ds = _dcmread(path, stop_before_pixels=True)
-        if "PixelData" not in ds and "Rows" not in ds:
-            continue  # a SEG written earlier has Rows; a report, a presentation state has no image
+        if "Rows" not in ds:
+            continue  # no image: a structured report, a presentation state
         modality = str(ds.get("Modality", ""))
         if modality in ("SEG", "SR", "PR", "RTSTRUCT"):
             continue  # derived objects (e.g. a SEG trunet wrote next to the images) are not cine images

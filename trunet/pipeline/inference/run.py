@@ -148,8 +148,8 @@ def _check_outputs(cases: Sequence[InputCase], output_dir: Path, classes: Sequen
             raise DataError(case.image, "--output-format dicom-seg needs a DICOM input (a SEG references its "
                                         "source images); use --output-format nifti for this file")
         for target in _output_paths(case, output_dir, classes, probabilities, formats):
-            if any(target.resolve() == i or target.resolve() in i.parents for i in inputs):
-                raise DataError(target, "is an input image; choose another --output folder")
+            if any(target.resolve() == i or i in target.resolve().parents for i in inputs):
+                raise DataError(target, "is an input image or inside an input folder; choose another --output folder")
             if target.exists() and out in input_dirs:
                 raise DataError(
                     target, "exists in the input folder and could be an input or a reference; choose another --output folder"
@@ -228,8 +228,9 @@ def _predict_one(
         written.append(save_cine_like(labels, case.image, targets.pop(0), dtype=np.uint8))
     if "dicom-seg" in formats:
         labels_np = labels.numpy() if hasattr(labels, "numpy") else np.asarray(labels)
-        written.append(targets[0])
-        write_dicom_seg(labels_np.astype(np.uint8), scan_dicom_cine(case.image), targets.pop(0), predictor.classes)
+        seg_dir = targets.pop(0)
+        write_dicom_seg(labels_np.astype(np.uint8), scan_dicom_cine(case.image), seg_dir, predictor.classes)
+        written.append(seg_dir)
     for k, target in enumerate(targets):
         written.append(save_cine_like(inverted[:, k].numpy(), case.image, target, dtype=np.float32))
     return written
