@@ -47,6 +47,29 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def snap_affine(affine: np.ndarray) -> np.ndarray:
+    """The ``(4, 4)`` affine snapped to the precision a scanner knows its geometry to, with exactly orthonormal
+    axis directions: directions rounded to 1e-6, then made orthonormal (the nearest rotation, by SVD);
+    spacing and origin rounded to float32 (NIfTI's precision). An axis-aligned affine with float32 values
+    (any NIfTI without rotation) comes back unchanged.
+
+    Why: one geometry is stored with different rounding by different formats (a NIfTI sform is float32; a
+    DICOM affine is rebuilt from decimal strings), ~1e-7 apart, and MONAI's ``Spacing`` turns such
+    differences into different grids: it anchors the output grid at the first voxel only when the corners
+    line up to ``atol`` 1e-8, else centres it half a voxel away, and an extent of exactly ``n + 0.5`` voxels
+    rounds either way (``compute_shape_offset``). Snapped, the same scan as DICOM and as NIfTI is resampled
+    onto one grid. Written by hand because no library step does it.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    zooms = np.linalg.norm(a[:3, :3], axis=0)
+    axes = np.round(a[:3, :3] / zooms, 6)
+    u, _, vt = np.linalg.svd(axes)
+    out = np.eye(4)
+    out[:3, :3] = (u @ vt) * zooms.astype(np.float32)
+    out[:3, 3] = a[:3, 3].astype(np.float32)
+    return out
+
+
 class LoadCined(MapTransform):
     """Load a case record into MetaTensors.
 
@@ -81,7 +104,7 @@ class LoadCined(MapTransform):
         d = dict(data)
         path = d[self.image_key]
         array, meta = load_cine(path, allow_3d=self.allow_3d)
-        affine = torch.as_tensor(meta.affine, dtype=torch.float64)
+        affine = torch.as_tensor(snap_affine(meta.affine), dtype=torch.float64)
         image_meta = {
             "filename_or_obj": str(path),
             "time_step": float("nan") if meta.time_step is None else float(meta.time_step),
