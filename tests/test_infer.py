@@ -426,6 +426,29 @@ def test_cli_predict_prints_one_line_for_a_user_error(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "checkpoint not found" in err[0]
 
 
+def test_cli_predict_on_a_full_disk_prints_one_line_and_leaves_no_partial_file(checkpoint, tmp_path, capsys,
+                                                                              monkeypatch):
+    import errno
+
+    from trunet.io import nifti
+
+    image = write_cine(tmp_path / "case_4d.nii.gz")
+    out = tmp_path / "out"
+
+    def full_disk(img, filename):
+        Path(filename).write_bytes(b"\x00" * 100)  # the device fills half way through the file
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(nifti.nib, "save", full_disk)
+    code = main(["predict", "--checkpoint", str(checkpoint), "--input", str(image), "--output", str(out)])
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after the progress bars
+    assert code == 74 and "Traceback" not in err, err
+    assert line.startswith(f"trunet predict: error: {out / 'case_seg.nii.gz'}: no space left on device (")
+    assert " free, at least 100 B needed)" in line
+    assert not [p for p in out.rglob("*") if p.is_file()]  # no partial output
+
+
 # -- end to end with a trained model ---------------------------------------------------------------------
 
 

@@ -9,8 +9,8 @@ Commands (DESIGN.md section 6)::
     trunet evaluate --pred DIR --ref DIR|datalist.json|ACDC-root --out DIR
     trunet plan     --config C [--vram-gb 40] [--headroom 0.1] [--out FRAGMENT.yaml]
 
-A user error (:class:`trunet.errors.TrunetError`) ends with one line on stderr and exit code 2;
-``--debug`` shows the traceback. ``train`` stopped by SIGTERM/SIGINT saves ``latest.pt`` and exits with
+A user error (:class:`trunet.errors.TrunetError`) ends with one line on stderr and exit code 2 (74 for a
+full disk, :class:`~trunet.errors.DiskFullError`); ``--debug`` shows the traceback. ``train`` stopped by SIGTERM/SIGINT saves ``latest.pt`` and exits with
 128 + signal (143, 130). Each command imports its stage package when it runs (not at module level), so
 ``--help`` and a config error are instant; nothing here imports lazily to dodge a circle.
 """
@@ -28,7 +28,7 @@ from trunet.errors import TrunetError
 
 __all__ = ["main", "build_parser"]
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = TrunetError.exit_code
 EXIT_INTERRUPTED = 130
 
 
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"trunet {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"trunet {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

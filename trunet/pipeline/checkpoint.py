@@ -72,16 +72,30 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     over ``path`` (:func:`trunet.atomic.atomic_path`): a job killed at any moment leaves either the
     previous checkpoint or the new one, never a truncated file. ``format_version`` and
     ``trunet_version`` are filled in when missing.
+
+    Raises:
+        DiskFullError: the device is full; the message names ``path`` and the space the payload needs.
     """
     payload = dict(payload)
     payload.setdefault("format_version", FORMAT_VERSION)
     payload.setdefault("trunet_version", __version__)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size_hint=_tensor_bytes(payload)) as tmp:
         with open(tmp, "wb") as fh:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
     return Path(path)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested payload (what dominates the size of the saved file)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(
