@@ -100,7 +100,7 @@ def test_bad_files_are_clear_errors(tmp_path, tiny_net, configs_dir):
 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint\n" * 10)
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="garbage.pt: not a trunet checkpoint"):
         ckpt.load_checkpoint(garbage)
 
     not_dict = tmp_path / "list.pt"
@@ -123,6 +123,43 @@ def test_bad_files_are_clear_errors(tmp_path, tiny_net, configs_dir):
     wrong_weights = {**payload, "model_state": {"conv.weight": torch.zeros(1)}}
     with pytest.raises(CheckpointError, match="do not fit"):
         ckpt.model_from_checkpoint(wrong_weights)
+
+
+def test_a_corrupted_weight_is_caught_by_the_checksum(tmp_path, configs_dir):
+    config = load_config(configs_dir / "tiny.yaml")
+    model = ckpt.model_from_hparams(ckpt.model_hparams(config))  # the real network: weights of 64+ bytes
+    good = ckpt.save_checkpoint(tmp_path / "good.pt", _payload(config, model))
+    assert ckpt.load_checkpoint(good)["checksum"].startswith("sha256:")
+
+    name, weight = next((k, v) for k, v in model.state_dict().items() if v.numel() >= 16)
+    data = bytearray(good.read_bytes())
+    at = data.find(weight.numpy().tobytes())  # torch stores tensors uncompressed: the zip stays valid
+    assert at > 0
+    data[at : at + 64] = np.random.default_rng(0).bytes(64)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(corrupt, weights_only=True)["model_state"][name], weight)  # torch loads it
+    with pytest.raises(CheckpointError, match="corrupt.pt: corrupt checkpoint: its content does not match"):
+        ckpt.load_checkpoint(corrupt)
+
+
+def test_other_files_are_not_trunet_checkpoints(tmp_path):
+    import argparse
+    import gzip
+    import pickle
+
+    nifti = tmp_path / "case_4d.nii.gz"
+    nifti.write_bytes(gzip.compress(b"\x5c\x01\x00\x00" + bytes(344)))
+    pickled = tmp_path / "model.pkl"
+    pickled.write_bytes(pickle.dumps(argparse.Namespace(weights=[1.0, 2.0]), protocol=2))
+    module = tmp_path / "module.pt"
+    torch.save(argparse.Namespace(weights=[1.0]), module)  # a torch file whose loading would run code
+    text = tmp_path / "notes.txt"
+    text.write_text("weights: 1, 2, 3\n")
+    for path in (nifti, pickled, module, text):
+        with pytest.raises(CheckpointError, match=f"{path.name}: not a trunet checkpoint") as info:
+            ckpt.load_checkpoint(path)
+        assert "weights_only" not in str(info.value)
 
 
 def test_rng_state_survives_a_checkpoint(tmp_path):

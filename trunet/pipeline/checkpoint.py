@@ -19,15 +19,22 @@ lists and dicts). Keys:
 ``rng``             :func:`capture_rng_state` (python, numpy, torch CPU, CUDA when present)
 ``best_metric``     best mean validation Dice so far (None before the first validation)
 ``metrics``         the per-epoch metric rows written to ``metrics.csv`` so far
+``checksum``        :func:`payload_checksum` of everything else, checked on load
 ==================  ==========================================================================
 
 Trainers may add keys (e.g. ``epoch_iteration`` for a mid-epoch stop); readers ignore unknown keys.
+
+The checksum catches a file changed after it was written (a bad disk, a bad copy, a stray write): torch's
+own format checks the zip's structure, not the values of the weights. Files without a checksum (written by
+trunet before it kept one) load unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any, Sequence
@@ -54,6 +61,7 @@ __all__ = [
     "build_model",
     "capture_rng_state",
     "restore_rng_state",
+    "payload_checksum",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,14 +85,42 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         DiskFullError: the device is full; the message names ``path`` and the space the payload needs.
     """
     payload = dict(payload)
+    payload.pop("checksum", None)
     payload.setdefault("format_version", FORMAT_VERSION)
     payload.setdefault("trunet_version", __version__)
+    payload["checksum"] = payload_checksum(payload)
     with atomic_path(path, size_hint=_tensor_bytes(payload)) as tmp:
         with open(tmp, "wb") as fh:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
     return Path(path)
+
+
+def payload_checksum(payload: dict[str, Any]) -> str:
+    """``sha256:<hex>`` of a payload's values (tensors by dtype, shape and bytes; other values by type and
+    ``repr``), the ``checksum`` key itself left out. Equal payloads give equal checksums on any device."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in payload.items() if k != "checksum"})
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _feed(digest: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        digest.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        digest.update(f"dict {len(obj)};".encode())
+        for key, value in obj.items():
+            _feed(digest, key)
+            _feed(digest, value)
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{type(obj).__name__} {len(obj)};".encode())
+        for value in obj:
+            _feed(digest, value)
+    else:
+        digest.update(f"{type(obj).__name__} {obj!r};".encode())
 
 
 def _tensor_bytes(obj: Any) -> int:
@@ -112,15 +148,22 @@ def load_checkpoint(
             number of classes is refused.
 
     Raises:
-        CheckpointError: the file is missing, is not a readable checkpoint (truncated, not a torch
-            file, not a trunet payload), has another ``format_version``, or its class count does not
-            match its model or ``classes``.
+        CheckpointError: the file is missing, is not a trunet checkpoint (another kind of file, a pickle
+            with code in it), is not readable (truncated), has another ``format_version``, its class
+            count does not match its model or ``classes``, or its checksum does not match its content.
     """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: checkpoint not found")
+    if _looks_like_another_format(p):
+        raise CheckpointError(f"{p}: not a trunet checkpoint (not a file written by torch.save)")
     try:
         payload = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            raise CheckpointError(f"{p}: not a trunet checkpoint (it holds Python objects, not only tensors "
+                                  "and plain values; trunet does not run code from checkpoints)") from None
+        raise CheckpointError(f"{p}: not a readable checkpoint (corrupt or truncated file?): {exc}") from None
     except Exception as exc:  # noqa: BLE001 - arbitrary bytes make torch.load fail in arbitrary ways
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
@@ -149,7 +192,20 @@ def load_checkpoint(
             f"{p}: incompatible checkpoint: trained for {n_classes} classes {list(payload['classes'])}, "
             f"the config has {len(classes)} {list(classes)}"
         )
+    stored = payload.get("checksum")
+    if stored is not None and payload_checksum(payload) != stored:
+        raise CheckpointError(f"{p}: corrupt checkpoint: its content does not match the checksum written with "
+                              "it (changed after it was saved); use another checkpoint, e.g. best.pt or a copy")
     return payload
+
+
+def _looks_like_another_format(path: Path) -> bool:
+    """True for a file whose first bytes say it is no torch file: gzip (``.nii.gz``), NIfTI, text, ...
+    torch files are zip archives (``PK``; a truncated one too) or, from old torch versions, pickles
+    (protocol byte ``0x80``)."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return not (head == b"PK" or head[:1] == b"\x80")
 
 
 def model_hparams(config: Any) -> dict[str, Any]:
