@@ -54,7 +54,7 @@ def _metrics(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _train(run: Path, phantom: Path, *overrides: str, resume: bool = False) -> Path:
+def _train(run: Path, phantom: Path, *overrides: str, resume: bool | str = False) -> Path:
     config = load_config(TINY, [f"data.root={phantom / 'datalist.json'}", *QUIET, *overrides])
     return T.run_training(config, run_dir=run, resume=resume, config_path=TINY)
 
@@ -155,25 +155,46 @@ def test_cli_end_to_end(tmp_path, phantom):
     assert not any(p.name.startswith(".") and p.suffix == ".tmp" for p in run.rglob("*"))
 
 
-def test_resume_equals_uninterrupted(tmp_path, phantom, monkeypatch):
-    overrides = ["train.epochs=2", "train.deterministic=true", "data.val_fraction=0"]
-    straight = _train(tmp_path / "straight", phantom, *overrides)
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "latest.pt")["model_state"]
 
-    original = T.Trainer._end_epoch
+
+@pytest.mark.parametrize("stop", ["killed after an epoch", "SIGTERM mid-epoch"])
+def test_resume_equals_uninterrupted(tmp_path, phantom, monkeypatch, stop):
+    overrides = ["train.epochs=2", "train.iterations_per_epoch=3", "train.deterministic=true",
+                 "data.val_fraction=0"]
+    straight = _train(tmp_path / "straight", phantom, *overrides)
 
     class Killed(Exception):
         pass
 
-    def end_epoch_then_die(self, seconds):
-        original(self, seconds)
-        if self.epoch == 1:
-            raise Killed  # the job dies right after epoch 1's checkpoint
+    if stop == "killed after an epoch":
+        original = T.Trainer._end_epoch
 
-    monkeypatch.setattr(T.Trainer, "_end_epoch", end_epoch_then_die)
-    with pytest.raises(Killed):
-        _train(tmp_path / "stopped", phantom, *overrides)
-    monkeypatch.setattr(T.Trainer, "_end_epoch", original)
-    assert load_checkpoint(tmp_path / "stopped" / "checkpoints" / "latest.pt")["epoch"] == 1
+        def end_epoch_then_die(self, seconds):
+            original(self, seconds)
+            if self.epoch == 1:
+                raise Killed  # the job dies right after epoch 1's checkpoint
+
+        monkeypatch.setattr(T.Trainer, "_end_epoch", end_epoch_then_die)
+        with pytest.raises(Killed):
+            _train(tmp_path / "stopped", phantom, *overrides)
+        expected = (1, 0)
+    else:
+        original = T.Trainer.step
+
+        def signal_during_step_4(self, batch, stop_request):
+            if self.iteration == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 4 (epoch 2, step 2 of 3)
+            return original(self, batch, stop_request)
+
+        monkeypatch.setattr(T.Trainer, "step", signal_during_step_4)
+        with pytest.raises(T.TrainingInterrupted):
+            _train(tmp_path / "stopped", phantom, *overrides)
+        expected = (1, 1)
+    monkeypatch.undo()
+    payload = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "latest.pt")
+    assert (payload["epoch"], payload["epoch_iteration"]) == expected
     _train(tmp_path / "stopped", phantom, *overrides, resume=True)
 
     a, b = _metrics(straight), _metrics(tmp_path / "stopped")
@@ -284,3 +305,22 @@ def test_sparse_acdc_labels_touch_no_unlabelled_frame(tmp_path, phantom, monkeyp
         assert torch.count_nonzero(grad[~mask]) == 0
         assert torch.count_nonzero(grad[mask]) > 0
     assert float(_metrics(run)[0]["val_mean_dice"]) >= 0.0
+
+
+def test_restarts_draw_new_batches(tmp_path, phantom, monkeypatch):
+    """Non-deterministic mode too: a restart draws the batches of its (epoch, step), not epoch 0's again."""
+    drawn: dict[int, tuple] = {}
+    step = T.Trainer.step
+
+    def recording_step(self, batch, stop):
+        drawn[self.iteration] = (tuple(batch["case_id"]), float(batch["image"].double().sum()))
+        return step(self, batch, stop)
+
+    monkeypatch.setattr(T.Trainer, "step", recording_step)
+    run = tmp_path / "run"
+    overrides = ["data.val_fraction=0", "train.batch_size=2"]
+    for epochs in (1, 2, 3):  # three (re)starts of one run, at steps 0, 2 and 4
+        _train(run, phantom, *overrides, f"train.epochs={epochs}", resume=epochs > 1)
+    assert sorted(drawn) == list(range(6))
+    first_of_each_start = [drawn[0], drawn[2], drawn[4]]
+    assert len(set(first_of_each_start)) == 3, first_of_each_start

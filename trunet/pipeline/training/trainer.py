@@ -8,12 +8,12 @@ Z)`` (a list of resolutions with deep supervision) -> the loss of
 for fp16) -> gradient clipping -> SGD (Nesterov) or AdamW -> the per-step warm-up + poly schedule of
 :mod:`trunet.pipeline.training.optim`. An epoch is ``train.iterations_per_epoch`` steps.
 
-Exact resume: with ``train.deterministic: true`` every epoch's batches come from a DataLoader rebuilt with
-a seed derived from ``(train.seed, epoch, rank)`` (sampler, MONAI transform states, worker seeds), and the
-global RNGs are re-seeded from it too. So the batches of epoch ``e`` do not depend on what happened
-before, and a run stopped after epoch ``k`` and resumed gives the same losses (on CPU; cuDNN/cuBLAS add
-their own non-determinism on GPUs). A run stopped mid-epoch (SIGTERM) resumes at the next step of that
-epoch with a loader seeded from ``(seed, epoch, rank, step)``: statistically the same run, not bit-identical.
+Exact resume: every batch comes from a loader seeded with ``(train.seed, epoch, rank, step)`` (which cases,
+and each sample's random transforms; see :mod:`trunet.pipeline.training.loaders`), so a run restarted at any
+step draws the batches an uninterrupted run draws there. With ``train.deterministic: true`` the global RNGs
+are re-seeded from the same key before every step too, and a run stopped anywhere (after an epoch,
+mid-epoch, in validation) and resumed ends with the same weights, bit for bit (on CPU; cuDNN/cuBLAS add
+their own non-determinism on GPUs).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from monai.data import DataLoader
 from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -238,41 +237,19 @@ class Trainer:
             )
 
     # -- data --------------------------------------------------------------------------------------
-    def _epoch_loader(self, seed: int, steps: int) -> Any:
-        """The loader for ``steps`` batches. Deterministic runs rebuild it from ``seed`` (sampler, transform
-        RNGs, worker seeds, no persistent workers), so a resumed epoch sees the same batches."""
-        if not self.t.deterministic and steps == self.t.iterations_per_epoch:
-            return self.loader
-        base = self.loader
-        generator = torch.Generator().manual_seed(seed)
-        sampler = torch.utils.data.RandomSampler(
-            base.dataset, replacement=True, num_samples=steps * self.t.batch_size, generator=generator
-        )
-        return DataLoader(
-            base.dataset, batch_size=self.t.batch_size, sampler=sampler, num_workers=base.num_workers,
-            drop_last=True, pin_memory=base.pin_memory, generator=generator, collate_fn=base.collate_fn,
-            worker_init_fn=base.worker_init_fn, persistent_workers=False,
-        )
-
     def _batches(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
-        """``iterations_per_epoch - start`` batches of ``epoch`` (more loader passes if one is short)."""
-        remaining = self.t.iterations_per_epoch - start
-        passes = 0
-        while remaining > 0:
-            seed = derived_seed(self.t.seed, epoch, self.ctx.rank, start, passes)
+        """The batches of steps ``start .. iterations_per_epoch - 1`` of ``epoch``, each a function of
+        ``(seed, epoch, rank, step)``. Deterministic runs also re-seed the global RNGs before each step."""
+        steps = self.t.iterations_per_epoch - start
+        if steps <= 0:
+            return
+        self.loader.batch_sampler.set_window(epoch, start, steps)
+        step = start
+        for batch in self.loader:
             if self.t.deterministic:
-                seed_everything(seed)
-            produced = 0
-            for batch in self._epoch_loader(seed, remaining):
-                produced += 1
-                yield batch
-                remaining -= 1
-                if remaining == 0:
-                    return
-            if produced == 0:
-                raise TrunetError("the training loader produced no batch "
-                                  "(fewer training samples than batch_size?)")
-            passes += 1
+                seed_everything(derived_seed(self.t.seed, epoch, self.ctx.rank, step))
+            yield batch
+            step += 1
 
     # -- one step ----------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
