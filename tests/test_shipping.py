@@ -104,8 +104,10 @@ def _dockerfile_command() -> list[str]:
 
 
 def test_docker_default_command_runs_outside_a_container(tmp_path):
+    """The default command, and the same command again as a restarted container runs it."""
     argv = _dockerfile_command()
     assert argv[:2] == ["trunet", "train"], argv
+    assert argv[-2:] == ["--resume", "auto"], "a restarted container must continue its run, not fail"
     app, data, output = tmp_path / "app", tmp_path / "data", tmp_path / "output"
     shutil.copytree(CONFIGS, app / "configs")
     # The default config trains for days on a GPU; the same command line runs the test-sized config here.
@@ -115,6 +117,7 @@ def test_docker_default_command_runs_outside_a_container(tmp_path):
     swapped = [a.replace("/app", str(app)).replace("/data", str(data)).replace("/output", str(output))
                for a in argv[1:]]
     _run_trunet(swapped, cwd=tmp_path)
+    _run_trunet(swapped, cwd=tmp_path)  # e.g. docker restart: the finished run stays finished, exit 0
     assert (output / "checkpoints" / "latest.pt").is_file()
     assert (output / "checkpoints" / "best.pt").is_file()
     assert list((output / "wandb").glob("offline-run-*")), "the W&B run should be offline inside /output"

@@ -4,6 +4,8 @@ resume, SIGTERM, non-finite losses, config and run-folder errors, sparse ED/ES l
 from __future__ import annotations
 
 import csv
+import errno
+import json
 import os
 import signal
 import subprocess
@@ -307,6 +309,156 @@ def test_sparse_acdc_labels_touch_no_unlabelled_frame(tmp_path, phantom, monkeyp
     assert float(_metrics(run)[0]["val_mean_dice"]) >= 0.0
 
 
+# --- production jobs: restarts, locks, stops, full disks -----------------------------------------------
+
+
+def _absolute_datalist(phantom: Path, dest: Path, broken: bool = False) -> Path:
+    """The phantom's datalist with absolute paths (the first image missing when ``broken``)."""
+    lists = json.loads((phantom / "datalist.json").read_text())
+    for items in lists.values():
+        for item in items:
+            for key in ("image", "label"):
+                item[key] = str(phantom / item[key])
+    if broken:
+        lists["training"][0]["image"] = str(phantom / "gone_4d.nii.gz")
+    dest.write_text(json.dumps(lists))
+    return dest
+
+
+def _one_line(capsys) -> str:
+    """The command's message: the last line on stderr (after any progress bars), and no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("trunet train: "), err[-2000:]
+    return line
+
+
+def test_a_failed_start_does_not_block_the_same_command(tmp_path, phantom, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--config", str(TINY), "--run-dir", str(run), *QUIET, "data.val_fraction=0", "train.epochs=1"]
+    bad = _absolute_datalist(phantom, tmp_path / "bad.json", broken=True)
+    assert main([*args, "--data", str(bad)]) == 2
+    assert "gone_4d.nii.gz: file not found" in _one_line(capsys)
+    assert not run.exists()  # the data is checked before anything is written
+
+    # a start killed before its first checkpoint (kill -9 during caching or a checkpoint write)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "log.txt").write_text("2026-01-01 INFO trunet: generating ...\n")
+    (run / "splits.json").write_text("{}")
+    stale = run / "checkpoints" / ".latest.pt.x1y2z3.tmp.pt"
+    stale.write_bytes(b"")
+    assert main([*args, "--data", str(phantom / "datalist.json"), "--resume"]) == 2
+    err = _one_line(capsys)
+    assert f"{run}: nothing to resume" in err and "ended before its first checkpoint" in err
+    assert main([*args, "--data", str(phantom / "datalist.json")]) == 0  # the same command as the failed one
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["epoch"] == 1
+    assert not stale.exists()
+    assert "ended before its first checkpoint: starting afresh" in (run / "log.txt").read_text()
+
+
+def test_sigterm_during_start_up_ends_the_job_at_once(tmp_path, phantom, monkeypatch, capsys):
+    """A signal while the data is cached (or W&B starts) ends the job within seconds, not after the step."""
+    from trunet.pipeline.training import trainer as trainer_module
+
+    class NoHandler(Exception):
+        pass
+
+    def not_ours(signum, frame):
+        raise NoHandler  # what would have killed the job: trunet had no handler in place yet
+
+    previous = signal.signal(signal.SIGTERM, not_ours)
+    signalled: list[float] = []
+
+    def slow_caching(*args, **kwargs):
+        signalled.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # caching a large dataset
+        raise AssertionError("the signal did not end the start-up")
+
+    monkeypatch.setattr(trainer_module, "build_train_loader", slow_caching)
+    run = tmp_path / "run"
+    try:
+        code = main(["train", "--config", str(TINY), "--data", str(phantom / "datalist.json"), "--run-dir",
+                     str(run), "--resume", "auto", *QUIET])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 128 + signal.SIGTERM and time.monotonic() - signalled[0] < 10
+    assert "stopped by SIGTERM during start-up" in _one_line(capsys)
+    assert "ended: interrupted: stopped by SIGTERM during start-up" in (run / "log.txt").read_text()
+    assert not (run / "checkpoints" / "latest.pt").exists()
+
+
+def test_sigterm_in_validation_and_uploads_saves_within_seconds(tmp_path, phantom, monkeypatch):
+    """The stop flag is checked before every validation case and before the end-of-run uploads; the run
+    resumed after a stop in validation ends as an uninterrupted one."""
+    from trunet.pipeline.inference.predictor import Predictor
+    from trunet.pipeline.training.tracking import Tracker
+
+    overrides = ["train.deterministic=true", "data.val_fraction=0.5", "train.val_cases=null"]
+    straight = _train(tmp_path / "straight", phantom, *overrides)
+    cases, signalled = [], []
+    predict_case = Predictor.predict_case
+
+    def predict_then_signal(self, *args, **kwargs):
+        out = predict_case(self, *args, **kwargs)
+        cases.append(1)
+        signalled.append(time.time())
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Predictor, "predict_case", predict_then_signal)
+    run = tmp_path / "run"
+    with pytest.raises(T.TrainingInterrupted):
+        _train(run, phantom, *overrides)
+    latest = run / "checkpoints" / "latest.pt"
+    assert len(cases) == 1  # the second validation case was not started
+    assert latest.stat().st_mtime - signalled[0] < 10
+    payload = load_checkpoint(latest)
+    assert (payload["epoch"], payload["epoch_iteration"]) == (0, 2) and payload["metrics"] == []
+    monkeypatch.undo()
+
+    uploads = []
+
+    def upload_then_signal(self, path, aliases, metadata=None):
+        uploads.append(aliases)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Tracker, "log_checkpoint", upload_then_signal)
+    _train(run, phantom, *overrides, resume="auto")
+    assert uploads == [["best"]]  # "latest" skipped: the stop came during the first upload
+    assert [r["val_mean_dice"] for r in _metrics(run)] == [r["val_mean_dice"] for r in _metrics(straight)]
+    assert all(torch.equal(a, b) for a, b in zip(_weights(run).values(), _weights(straight).values()))
+
+
+def test_a_stopped_job_restarts_with_the_same_command_to_the_same_weights(tmp_path, phantom):
+    """start -> SIGTERM -> the same command (``--resume auto``, as in the Docker image) -> done, with the
+    weights of an uninterrupted run (train.deterministic)."""
+    def command(run: Path) -> list[str]:
+        return ["--config", str(TINY), "--data", str(phantom / "datalist.json"), "--run-dir", str(run),
+                "--resume", "auto", *QUIET, "train.deterministic=true", "data.val_fraction=0",
+                "train.epochs=12", "train.iterations_per_epoch=3"]
+
+    straight = tmp_path / "straight"
+    assert _cli(*command(straight)).returncode == 0
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "trunet", "train", *command(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO, start_new_session=True)
+    latest = run / "checkpoints" / "latest.pt"
+    deadline = time.time() + 120
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert load_checkpoint(latest)["epoch"] < 12
+    again = _cli(*command(run))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [r["train_loss"] for r in _metrics(run)] == [r["train_loss"] for r in _metrics(straight)]
+    assert all(torch.equal(a, b) for a, b in zip(_weights(run).values(), _weights(straight).values()))
+    assert _cli(*command(run)).returncode == 0  # and once more: a finished run is a finished job
+
+
 def test_restarts_draw_new_batches(tmp_path, phantom, monkeypatch):
     """Non-deterministic mode too: a restart draws the batches of its (epoch, step), not epoch 0's again."""
     drawn: dict[int, tuple] = {}
@@ -324,3 +476,58 @@ def test_restarts_draw_new_batches(tmp_path, phantom, monkeypatch):
     assert sorted(drawn) == list(range(6))
     first_of_each_start = [drawn[0], drawn[2], drawn[4]]
     assert len(set(first_of_each_start)) == 3, first_of_each_start
+
+
+def test_a_second_job_on_a_locked_run_folder_is_refused(tmp_path, phantom, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from trunet.pipeline.training.rundir import RunLock; "
+         "lock = RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", str(run)],
+        stdout=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    args = ["train", "--config", str(TINY), "--data", str(phantom / "datalist.json"), "--run-dir", str(run),
+            "--resume", "auto", *QUIET, "data.val_fraction=0", "train.epochs=1"]
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(args) == 2
+        err = _one_line(capsys)
+        assert f"{run}: the run folder is in use by another trunet process (pid {holder.pid} on " in err
+        assert sorted(p.name for p in run.iterdir()) == ["trunet.lock"]  # refused before writing anything
+    finally:
+        holder.kill()  # dies holding the lock: the kernel releases it
+        holder.wait()
+    assert main(args) == 0
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["epoch"] == 1
+
+
+def test_a_full_disk_is_one_logged_line_and_keeps_the_last_checkpoint(tmp_path, phantom, monkeypatch, capsys):
+    saves = []
+    real_save = torch.save
+
+    def save_until_full(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) < 2:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 part of a zip")
+        try:  # as torch's stream writer reports a failed write
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    run = tmp_path / "run"
+    args = ["train", "--config", str(TINY), "--data", str(phantom / "datalist.json"), "--run-dir", str(run),
+            "--resume", "auto", *QUIET, "data.val_fraction=0"]
+    assert main(args) == 74
+    err = _one_line(capsys)
+    latest = run / "checkpoints" / "latest.pt"
+    assert f"{latest}: no space left on device (" in err and " needed); free some space" in err
+    assert err.split("error: ", 1)[1] in (run / "log.txt").read_text().splitlines()[-1]
+    assert load_checkpoint(latest)["epoch"] == 1  # the earlier checkpoint is intact
+    assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.pt"]
+
+    (latest.parent / ".latest.pt.k1ll3d.tmp.pt").write_bytes(b"")  # what a kill -9 during a save leaves
+    monkeypatch.undo()
+    assert main(args) == 0  # space is back: the same command finishes the run
+    assert load_checkpoint(latest)["epoch"] == 2
+    assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.pt"]

@@ -3,16 +3,18 @@
 Commands (DESIGN.md section 6)::
 
     trunet phantom  --out DIR [--cases N] [--seed S] [--dicom]
-    trunet train    --config C [--data PATH] [--run-dir DIR] [--resume] [key=value ...]
+    trunet train    --config C [--data PATH] [--run-dir DIR] [--resume [auto]] [key=value ...]
     trunet predict  --checkpoint CKPT --input FILE|DIR|DICOM-DIR|datalist.json --output DIR
                     [--output-format nifti dicom-seg] [options]
     trunet evaluate --pred DIR --ref DIR|datalist.json|ACDC-root --out DIR
     trunet plan     --config C [--vram-gb 40] [--headroom 0.1] [--out FRAGMENT.yaml]
 
-A user error (:class:`trunet.errors.TrunetError`) ends with one line on stderr and exit code 2 (74 for a
-full disk, :class:`~trunet.errors.DiskFullError`); ``--debug`` shows the traceback. ``train`` stopped by SIGTERM/SIGINT saves ``latest.pt`` and exits with
-128 + signal (143, 130). Each command imports its stage package when it runs (not at module level), so
-``--help`` and a config error are instant; nothing here imports lazily to dodge a circle.
+Exit codes: 0 done; 2 a user error (:class:`trunet.errors.TrunetError`: one line on stderr, ``--debug``
+shows the traceback), among them a run folder locked by another job; 74 a full disk
+(:class:`~trunet.errors.DiskFullError`: the line names the file and the space needed); 128 + signal
+(143 SIGTERM, 130 SIGINT) when ``train`` was stopped by a signal (after saving ``latest.pt`` once training
+had begun). Each command imports its stage package when it runs (not at module level), so ``--help`` and a
+config error are instant; nothing here imports lazily to dodge a circle.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ __all__ = ["main", "build_parser"]
 
 EXIT_USER_ERROR = TrunetError.exit_code
 EXIT_INTERRUPTED = 130
+RESUME_HELP = (
+    "continue the run in --run-dir from checkpoints/latest.pt; '--resume auto' continues where that "
+    "checkpoint exists and starts fresh otherwise (the command a restarted job can run every time)"
+)
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
@@ -41,7 +47,20 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_mode(args: argparse.Namespace) -> str:
+    """``--resume`` -> ``always``, ``--resume auto`` -> ``auto``, none -> ``never``. A bare ``--resume``
+    followed by an override (``--resume train.epochs=9``) swallows it as its value: it is given back."""
+    value = args.resume
+    if value in (None, "always", "auto"):
+        return value or "never"
+    if "=" in value:
+        args.overrides.insert(0, value)
+        return "always"
+    raise TrunetError(f"--resume takes 'auto' or no value, got {value!r}")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    args.resume = _resume_mode(args)
     config = load_config(args.config, args.overrides)  # config errors first, before heavy imports
     from trunet.pipeline.planning import training_memory_bytes
     from trunet.pipeline.training import TrainingInterrupted, run_training
@@ -116,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None,
                    help="datalist JSON or ACDC-layout root; default: the config's data.root, else the built-in phantom")
     p.add_argument("--run-dir", type=Path, default=None, help="run folder (default: runs/<config name>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from checkpoints/latest.pt")
+    p.add_argument("--resume", nargs="?", const="always", default=None, metavar="auto", help=RESUME_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
     p.set_defaults(func=_cmd_train)
 

@@ -25,7 +25,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -353,21 +353,25 @@ def split_cases(cases: list[dict], val_fraction: float, seed: int) -> tuple[list
     return train, [c for i, c in enumerate(ordered) if i in val_idx]
 
 
-def resolve_cases(data_config: DataConfig, work_dir: str | os.PathLike) -> CaseLists:
+def resolve_cases(data_config: DataConfig, work_dir: Optional[str | os.PathLike]) -> CaseLists:
     """The case lists of ``data_config.root`` (datalist JSON, ACDC root, or the phantom when ``None``).
 
     When the source has no validation list and ``val_fraction > 0``, the training list is split by
     patient (:func:`split_cases` with ``split_seed``). Every case is header-checked
-    (:func:`validate_cases`). The lists' case ids are written to ``work_dir/splits.json``.
+    (:func:`validate_cases`). The lists' case ids are written to ``work_dir/splits.json``; with
+    ``work_dir=None`` nothing is written (a check of the data before a run folder exists; the phantom,
+    which lives in the run folder, then needs a ``work_dir``).
 
     Returns:
         :class:`CaseLists` with ``.training``, ``.validation``, ``.test`` lists of case records.
     Raises:
         DataError: missing root, unrecognised folder, empty datalist, any header check.
     """
-    work = Path(work_dir)
+    work = None if work_dir is None else Path(work_dir)
     root = data_config.root
     if root is None:
+        if work is None:
+            raise ValueError("the phantom is generated in the run folder: resolve_cases needs a work_dir")
         lists = _phantom_lists(data_config, work)
     else:
         r = Path(root)
@@ -388,12 +392,13 @@ def resolve_cases(data_config: DataConfig, work_dir: str | os.PathLike) -> CaseL
         lists.training, lists.validation = split_cases(
             lists.training, data_config.val_fraction, data_config.split_seed
         )
-    write_json(work / "splits.json", {
-        "source": lists.source,
-        "split_seed": data_config.split_seed,
-        "val_fraction": data_config.val_fraction,
-        **{name: [c["case_id"] for c in getattr(lists, name)] for name in _LISTS},
-    })
+    if work is not None:
+        write_json(work / "splits.json", {
+            "source": lists.source,
+            "split_seed": data_config.split_seed,
+            "val_fraction": data_config.val_fraction,
+            **{name: [c["case_id"] for c in getattr(lists, name)] for name in _LISTS},
+        })
     logger.info("%s: %d training, %d validation, %d test cases", lists.source, len(lists.training),
                 len(lists.validation), len(lists.test))
     return lists

@@ -3,8 +3,10 @@ UNet with validation, checkpoints, exact resume, W&B tracking and data-parallel 
 
 Modules, in the order a run uses them:
 
-- :mod:`~trunet.pipeline.training.run` -- :func:`run_training`, the job: run folder, log file, distributed
-  context, the trainer, and the exit on a signal;
+- :mod:`~trunet.pipeline.training.run` -- :func:`run_training`, the job: checks, run folder, log file,
+  distributed context, the trainer, and the exit on a signal;
+- :mod:`~trunet.pipeline.training.rundir` -- the run folder: when a start may use it (``--resume auto``),
+  its lock, its log file;
 - :mod:`~trunet.pipeline.training.trainer` -- :class:`Trainer`: setup, one step, epochs, checkpoints,
   metrics, resume;
 - :mod:`~trunet.pipeline.training.loaders` -- the training loader and the validation dataset;

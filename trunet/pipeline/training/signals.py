@@ -1,5 +1,7 @@
-"""Stopping a run cleanly: SIGTERM/SIGINT finish the current step, save ``latest.pt`` and end in
-:class:`TrainingInterrupted` (exit code ``128 + signal``); data workers ignore the signals meanwhile."""
+"""Stopping a run cleanly: SIGTERM/SIGINT finish the current step (or validation case), save ``latest.pt``
+and end in :class:`TrainingInterrupted` (exit code ``128 + signal``); data workers ignore the signals
+meanwhile. During start-up (data caching, W&B init) there is nothing to save yet: the signal ends the job
+at once."""
 
 from __future__ import annotations
 
@@ -15,24 +17,33 @@ __all__ = ["TrainingInterrupted", "StopRequest", "QuietWorkerInit"]
 logger = logging.getLogger(__name__)
 
 
-class TrainingInterrupted(Exception):
-    """Training stopped on SIGTERM/SIGINT after writing ``latest.pt``.
+class TrainingInterrupted(BaseException):
+    """Training stopped on SIGTERM/SIGINT after writing ``latest.pt`` (or during start-up, with nothing to
+    write: :attr:`checkpoint` is None).
+
+    A :class:`BaseException`, like :class:`KeyboardInterrupt`: raised from the signal handler during
+    start-up, it must not be taken for a failure by the ``except Exception`` that keeps W&B trouble from
+    stopping training.
 
     Attributes:
         signum: the signal; ``trunet train`` exits with ``128 + signum``.
         checkpoint: the ``latest.pt`` written before stopping.
     """
 
-    def __init__(self, signum: int, checkpoint: Path, epoch: int, iteration: int):
+    def __init__(self, signum: int, checkpoint: Optional[Path], epoch: int = 0, iteration: int = 0):
         self.signum = int(signum)
-        self.checkpoint = Path(checkpoint)
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.epoch = epoch
         self.iteration = iteration
         name = signal.Signals(self.signum).name
-        super().__init__(
-            f"stopped by {name} at epoch {epoch + 1}, step {iteration}; {checkpoint} is saved "
-            f"(continue with: trunet train --resume --run-dir {checkpoint.parent.parent} --config ...)"
-        )
+        if self.checkpoint is None:
+            message = (f"stopped by {name} during start-up, before training began; nothing new was saved "
+                       "(the same command starts it again)")
+        else:
+            message = (f"stopped by {name} at epoch {epoch + 1}, step {iteration}; {self.checkpoint} is saved "
+                       f"(continue with: trunet train --resume auto --run-dir {self.checkpoint.parent.parent} "
+                       "--config ...)")
+        super().__init__(message)
 
     @property
     def exit_code(self) -> int:
@@ -58,7 +69,12 @@ class QuietWorkerInit:
 
 
 class StopRequest:
-    """SIGTERM/SIGINT handlers that only raise a flag; the training loop stops after the current step.
+    """SIGTERM/SIGINT handlers for a training job.
+
+    While :attr:`starting` (the job's start-up: run folder, data caching, W&B init) a signal raises
+    :class:`TrainingInterrupted` at once: nothing is saved yet, and start-up steps can take minutes. Once
+    the trainer clears :attr:`starting`, a signal only raises a flag (:attr:`signum`); the loop stops after
+    the current step or validation case and saves ``latest.pt``.
 
     Installed only in the main thread (Python allows signal handlers nowhere else); restored on exit.
     A second signal while stopping falls back to the previous handler (e.g. KeyboardInterrupt).
@@ -66,8 +82,9 @@ class StopRequest:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, starting: bool = False) -> None:
         self.signum: Optional[int] = None
+        self.starting = starting
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -86,6 +103,8 @@ class StopRequest:
                 os.kill(os.getpid(), signum)
             return
         self.signum = signum
+        if self.starting:
+            raise TrainingInterrupted(signum, None)
         logger.warning("%s received: finishing the current step, then saving latest.pt",
                        signal.Signals(signum).name)
 

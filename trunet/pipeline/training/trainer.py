@@ -14,6 +14,11 @@ step draws the batches an uninterrupted run draws there. With ``train.determinis
 are re-seeded from the same key before every step too, and a run stopped anywhere (after an epoch,
 mid-epoch, in validation) and resumed ends with the same weights, bit for bit (on CPU; cuDNN/cuBLAS add
 their own non-determinism on GPUs).
+
+Stopping: the :class:`StopRequest` of the job is checked after every step, before every validation case and
+before the end-of-run W&B uploads; a stop saves ``latest.pt`` (within one step or one validation case of
+the signal) and raises :class:`TrainingInterrupted`. A stop during validation saves the epoch's finished
+steps; the resumed run validates that epoch again.
 """
 
 from __future__ import annotations
@@ -69,8 +74,9 @@ class Trainer:
     """One training run (built and driven by :func:`run_training`; see the module docstring)."""
 
     def __init__(self, config: Config, run_dir: Path, resume: bool, ctx: DistContext,
-                 memory_estimate: Optional[Callable[[Config], float]] = None):
+                 memory_estimate: Optional[Callable[[Config], float]] = None, stop: Optional[StopRequest] = None):
         self.config = config
+        self.stop = stop if stop is not None else StopRequest()
         self.memory_estimate = memory_estimate
         self.run_dir = run_dir
         self.resume = resume
@@ -251,6 +257,12 @@ class Trainer:
             yield batch
             step += 1
 
+    def stop_requested(self) -> bool:
+        """True when any rank received SIGTERM/SIGINT (a collective under DDP: every rank calls it)."""
+        flag = torch.tensor([1.0 if self.stop.signum else 0.0], device=self.device)
+        dist_utils.all_reduce_sum(flag, self.ctx)
+        return bool(flag.item() > 0)
+
     # -- one step ----------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.amp_dtype)
@@ -305,15 +317,16 @@ class Trainer:
         return value, stop_now
 
     # -- validation --------------------------------------------------------------------------------
-    def validate(self) -> dict[str, Any]:
+    def validate(self) -> Optional[dict[str, Any]]:
         """Dice and HD95 per class on whole validation cases (labelled frames only), in the preprocessed
-        space (target spacing); see :func:`trunet.pipeline.training.validation.validate`."""
+        space (target spacing); see :func:`trunet.pipeline.training.validation.validate`. None when a stop
+        was requested before a case."""
         predictor = Predictor(self.model, self.preprocessing, self.config.infer, device=self.device,
                               amp=self.t.amp, amp_on_cpu=self.t.amp)  # as in training: bf16 on CPU too
         assert self.val_dataset is not None
         shown = self.config.tracking.wandb.num_val_images if self.ctx.is_main else 0
         return validate(predictor, self.val_dataset, self.classes, self.target_spacing, self.val_records, shown,
-                        self.ctx)
+                        self.ctx, should_stop=self.stop_requested)
 
     # -- files -------------------------------------------------------------------------------------
     def metric_columns(self) -> list[str]:
@@ -335,8 +348,14 @@ class Trainer:
         write_text(self.run_dir / "metrics.csv", buffer.getvalue())
 
     # -- the loop ----------------------------------------------------------------------------------
+    def _interrupt(self) -> None:
+        """Save ``latest.pt`` and raise :class:`TrainingInterrupted` (a stop was requested)."""
+        self.save()
+        dist_utils.barrier(self.ctx)
+        raise TrainingInterrupted(self.stop.signum or signal.SIGTERM, self.latest_path, self.epoch, self.iteration)
+
     def run(self) -> Path:
-        t, ctx = self.t, self.ctx
+        t, ctx, stop = self.t, self.ctx, self.stop
         if self.resume:
             self.load()  # refuses a config that changes the training before anything is written
         if ctx.is_main:
@@ -350,17 +369,14 @@ class Trainer:
                     len(self.train_cases), len(self.val_cases), list(self.target_spacing),
                     self.amp_dtype or "off", t.epochs, t.iterations_per_epoch, samples_per_step)
         try:
-            with StopRequest() as stop, logging_redirect_tqdm():
+            stop.starting = False  # from here on a signal saves latest.pt (the SIGTERM handler is in place)
+            with logging_redirect_tqdm():
                 while self.epoch < t.epochs:
                     t0 = time.perf_counter()
-                    if self._train_epoch(stop):
-                        self.save()
-                        dist_utils.barrier(ctx)
-                        signum = stop.signum or signal.SIGTERM
-                        self.tracker.log_checkpoint(self.latest_path, ["latest"], {"epoch": self.epoch})
-                        exit_code = 128 + int(signum)
-                        raise TrainingInterrupted(signum, self.latest_path, self.epoch, self.iteration)
-                    self._end_epoch(time.perf_counter() - t0)
+                    if self.stop_requested() or self._train_epoch(stop) or \
+                            not self._end_epoch(time.perf_counter() - t0):
+                        exit_code = 128 + int(stop.signum or signal.SIGTERM)
+                        self._interrupt()
             exit_code = 0
         finally:
             if self.tracker is not None:
@@ -410,7 +426,9 @@ class Trainer:
             bar.close()
         return stopped
 
-    def _end_epoch(self, seconds: float) -> None:
+    def _end_epoch(self, seconds: float) -> bool:
+        """Validate, record and save a finished epoch. Returns False, changing nothing, when a stop was
+        requested during validation."""
         t, ctx = self.t, self.ctx
         count = int(self.partial["loss_count"])
         loss = self.partial["loss_sum"] / count if count else float("nan")
@@ -427,6 +445,8 @@ class Trainer:
         if self.val_dataset is not None and ((self.epoch + 1) % t.val_every == 0 or last):
             v0 = time.perf_counter()
             result = self.validate()
+            if result is None:
+                return False
             s = result["scalars"]
             mean = s["val/mean_dice"]
             row["val_mean_dice"] = mean
@@ -452,8 +472,19 @@ class Trainer:
         logger.info("epoch %d/%d  loss %.4f  lr %.2e  %.1f samples/s  %.1f s%s", self.epoch, t.epochs, loss,
                     row["lr"], sps, seconds, summary)
         if self.epoch == t.epochs:
-            self.tracker.summary({"best_mean_dice": self.best_metric, "epochs": self.epoch})
-            if self.best_path.is_file():
-                self.tracker.log_checkpoint(self.best_path, ["best"],
-                                            {"epoch": self.epoch, "mean_dice": self.best_metric})
-            self.tracker.log_checkpoint(self.latest_path, ["latest"], {"epoch": self.epoch})
+            self._upload_final()
+        return True
+
+    def _upload_final(self) -> None:
+        """The end-of-run W&B summary and checkpoint artifacts; skipped after a stop request (the run is
+        complete and saved; an upload may take minutes)."""
+        self.tracker.summary({"best_mean_dice": self.best_metric, "epochs": self.epoch})
+        uploads = [(self.best_path, ["best"], {"epoch": self.epoch, "mean_dice": self.best_metric}),
+                   (self.latest_path, ["latest"], {"epoch": self.epoch})]
+        for path, aliases, metadata in uploads:
+            if self.stop.signum:
+                logger.warning("%s received: the run is complete and saved; W&B checkpoint uploads skipped",
+                               signal.Signals(self.stop.signum).name)
+                return
+            if path.is_file():
+                self.tracker.log_checkpoint(path, aliases, metadata)

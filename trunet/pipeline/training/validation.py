@@ -6,7 +6,7 @@ empty masks, MONAI ``ignore_empty``) as ``trunet evaluate``, here in the preproc
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ def validate(
     records: Mapping[str, dict],
     shown: int,
     ctx: DistContext,
-) -> dict[str, Any]:
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> Optional[dict[str, Any]]:
     """Dice and HD95 per class on whole validation cases (labelled frames only).
 
     Args:
@@ -43,18 +44,25 @@ def validate(
         records: case records by id (for ED/ES of the visuals).
         shown: how many cases to return as visuals (rank 0).
         ctx: the distributed context; rows are gathered on every rank.
+        should_stop: asked before every case (by every rank the same number of times, so it may be a
+            collective); when it says True, validation ends at once and returns None.
 
     Returns:
         ``{"scalars": {"val/dice/<class>", "val/hd95/<class>", "val/mean_dice"}, "rows": per-case rows
         (sorted by case id; Dice, HD95 and, for LV and RV, EDV/ESV (ml) and EF (%) predicted and reference at
         the case's ED and ES frames), "visuals": [...] (with ``volumes``: ``{"pred", "ref"}`` ``(T, K)`` ml,
         reference NaN on unlabelled frames)}``; a stray ``ignore_index`` voxel in a labelled frame counts
-        as background.
+        as background. None when ``should_stop`` said so.
     """
     k = len(classes)
     rows: list[dict[str, Any]] = []
     visuals: list[dict[str, Any]] = []
-    for i in range(len(dataset)):
+    turns = max(dist_utils.all_gather_objects(len(dataset), ctx))  # the ranks' shares differ by one at most
+    for i in range(turns):
+        if should_stop is not None and should_stop():
+            return None
+        if i >= len(dataset):
+            continue
         item = dataset[i]
         case_id = str(item["case_id"])
         if item.get("label") is None:
