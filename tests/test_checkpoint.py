@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 import trunet.models
+from trunet.atomic import write_text
 from trunet.errors import CheckpointError
 from trunet.pipeline import checkpoint as ckpt
 from trunet.config import Config, load_config
@@ -178,3 +181,27 @@ def test_rng_state_survives_a_checkpoint(tmp_path):
     ckpt.restore_rng_state(loaded)
     again = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
     assert again == first
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)], ids=["022", "002", "077"])
+def test_written_files_follow_the_umask_and_their_folder_is_flushed(tmp_path, monkeypatch, umask, mode):
+    """Files others must read (checkpoints, predictions, reports) get 0o666 less the umask, not mkstemp's
+    0o600; the folder is fsynced after the rename."""
+    folders = []
+    fsync = os.fsync
+
+    def recording_fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            folders.append(fd)
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    previous = os.umask(umask)
+    try:
+        text = write_text(tmp_path / "summary.csv", "a,b\n")
+        checkpoint = ckpt.save_checkpoint(tmp_path / "latest.pt", {"model_state": {}, "value": 1})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(text.stat().st_mode) == mode
+    assert stat.S_IMODE(checkpoint.stat().st_mode) == mode
+    assert len(folders) == 2

@@ -2,7 +2,10 @@
 
 Every file trunet writes (checkpoints, predictions, configs, reports) goes through :func:`atomic_path`:
 the content is written to a temporary file in the same folder, flushed to disk, then renamed over the
-final name with :func:`os.replace`, which is atomic on POSIX and Windows.
+final name with :func:`os.replace`, which is atomic on POSIX and Windows, and the folder is flushed so
+the rename survives a power cut. The file gets the mode of any new file (``0o666`` less the umask: 644
+under the usual 022), not the private 600 of the temporary file, so colleagues sharing an output folder
+can read it.
 
 A full device (``ENOSPC``, or ``EDQUOT`` for a spent quota) anywhere in a write becomes one
 :class:`~trunet.errors.DiskFullError` naming the file and the space needed, without a traceback. A job
@@ -90,9 +93,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None, size_hint: i
         os.close(fd)
         tmp = Path(tmp_name)
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+        _fsync_folder(final.parent)
     except BaseException as exc:
         written = tmp.stat().st_size if tmp is not None and tmp.is_file() else 0
         if tmp is not None:
@@ -102,6 +107,35 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None, size_hint: i
         free = shutil.disk_usage(_existing_parent(final)).free
         needed = size_hint if size_hint is not None else (written or None)
         raise DiskFullError(final, free, needed, at_least=size_hint is None) from None
+
+
+def _umask() -> int:
+    """The process umask: from ``/proc/self/status`` on Linux (``os.umask`` can only read it by changing it,
+    which races with other threads creating files), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (the rename) to disk. Skipped where a folder cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the rename itself is still atomic
+    finally:
+        os.close(fd)
 
 
 def _existing_parent(path: Path) -> Path:
