@@ -426,6 +426,21 @@ def test_cli_predict_prints_one_line_for_a_user_error(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "checkpoint not found" in err[0]
 
 
+def test_refuses_its_input_folder_as_output_and_earlier_predictions(checkpoint, tmp_path):
+    folder = tmp_path / "in"
+    write_cine(folder / "case_4d.nii.gz")
+    with pytest.raises(DataError, match="in: --input and --output are the same folder"):
+        run_prediction(checkpoint, folder, folder, device="cpu")
+    out = tmp_path / "out"
+    (first,) = run_prediction(checkpoint, folder, out, device="cpu")
+    first.write_bytes(b"an earlier result")
+    with pytest.raises(DataError, match="case_seg.nii.gz: exists .* pass --overwrite"):
+        run_prediction(checkpoint, folder, out, device="cpu")
+    assert first.read_bytes() == b"an earlier result"
+    (again,) = run_prediction(checkpoint, folder, out, device="cpu", overwrite=True)
+    assert again == first and nib.load(again).shape == (20, 16, 6, 3)
+
+
 def test_cli_predict_on_a_full_disk_prints_one_line_and_leaves_no_partial_file(checkpoint, tmp_path, capsys,
                                                                               monkeypatch):
     import errno

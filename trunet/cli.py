@@ -91,6 +91,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities,
         cpu_bf16=None if args.cpu_precision is None else args.cpu_precision == "bf16",
         output_formats=args.output_format,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-format", nargs="+", choices=["nifti", "dicom-seg"], default=["nifti"],
                    help="nifti: <case>_seg.nii.gz (default); dicom-seg: for DICOM input, <case>_seg_dicom/, a DICOM "
                         "SEG series (one instance per cardiac frame) referencing the source images; both: list both")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace earlier predictions in --output (refused otherwise)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice/HD95, volumes, EF, mass and temporal consistency against references")

@@ -94,11 +94,14 @@ def find_inputs(inputs: Union[str, os.PathLike], output_dir: Union[str, os.PathL
         Cases with ids: a datalist's ``case_id``, else the file name without suffixes and a trailing ``_4d``.
 
     Raises:
-        DataError: the input does not exist, no images found, or two inputs share a case id.
+        DataError: the input does not exist, is the output folder, holds no images, or two inputs share a case
+            id.
     """
     path = Path(inputs)
     if not path.exists():
         raise DataError(path, "input not found")
+    if path.is_dir() and path.resolve() == Path(output_dir).resolve():
+        raise DataError(path, "--input and --output are the same folder; write the predictions to another folder")
     if path.is_dir():
         cases = _folder_cases(path, Path(output_dir), allow_3d)
     elif path.name.lower().endswith(".json"):
@@ -135,9 +138,9 @@ def _output_paths(case: InputCase, output_dir: Path, classes: Sequence[str], pro
 
 
 def _check_outputs(cases: Sequence[InputCase], output_dir: Path, classes: Sequence[str], probabilities: bool,
-                   formats: Sequence[str] = ("nifti",)) -> None:
-    """Refuse to write over an input, or over an existing file that sits in an input's folder; a DICOM SEG
-    needs a DICOM input."""
+                   formats: Sequence[str] = ("nifti",), overwrite: bool = False) -> None:
+    """Refuse to write over an input, over an existing file that sits in an input's folder, or (unless
+    ``overwrite``) over an earlier prediction; a DICOM SEG needs a DICOM input."""
     if output_dir.exists() and not output_dir.is_dir():
         raise DataError(output_dir, "output must be a folder, this is a file")
     inputs = {c.image.resolve() for c in cases}
@@ -154,6 +157,9 @@ def _check_outputs(cases: Sequence[InputCase], output_dir: Path, classes: Sequen
                 raise DataError(
                     target, "exists in the input folder and could be an input or a reference; choose another --output folder"
                 )
+            if target.exists() and not overwrite:
+                raise DataError(target, "exists (an earlier prediction?); pass --overwrite to replace it or choose "
+                                        "another --output folder")
 
 
 def _check_checkpoint(payload: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -248,6 +254,7 @@ def run_prediction(
     save_probabilities: bool = False,
     cpu_bf16: Optional[bool] = None,
     output_formats: Sequence[str] = ("nifti",),
+    overwrite: bool = False,
 ) -> list[Path]:
     """Segment every frame of the input scans with a checkpoint (``trunet predict``).
 
@@ -272,13 +279,15 @@ def run_prediction(
         output_formats: ``"nifti"`` (the labels file above) and/or ``"dicom-seg"``: for a DICOM input, the
             folder ``<case_id>_seg_dicom/`` holding a DICOM SEG series, one instance per cardiac frame
             referencing its source images (:mod:`trunet.io.dicom_seg`).
+        overwrite: replace earlier predictions in ``output_dir`` (refused otherwise, before any work).
 
     Returns:
         The written files, in case order. Each file is written atomically; nothing is written over an input.
 
     Raises:
         CheckpointError: missing, corrupt or incompatible checkpoint.
-        DataError: no inputs, unreadable input, wrong dimensionality, an output that would overwrite an input.
+        DataError: no inputs, unreadable input, wrong dimensionality, an output that would overwrite an input
+            (or an earlier prediction, unless ``overwrite``).
     """
     ckpt = Path(checkpoint)
     payload = load_checkpoint(ckpt)
@@ -293,7 +302,7 @@ def run_prediction(
     unknown = [f for f in formats if f not in OUTPUT_FORMATS]
     if unknown or not formats:
         raise ConfigError(f"output format {unknown or formats} unknown; choose from {list(OUTPUT_FORMATS)}")
-    _check_outputs(cases, out_dir, classes, save_probabilities, formats)
+    _check_outputs(cases, out_dir, classes, save_probabilities, formats, overwrite)
     for case in cases:
         meta = read_header(case.image)
         if meta.ndim == 3 and not allow_3d:
