@@ -330,6 +330,42 @@ def test_reference_layouts_missing_reference_and_empty_prediction(tmp_path, capl
         run_evaluation(pred_dir, tmp_path / "out", tmp_path / "out3")
 
 
+def test_missing_predictions_earlier_reports_and_failures_half_way(tmp_path, monkeypatch, capsys):
+    from trunet.cli import main
+    from trunet.pipeline.evaluation import run as evaluation_run
+
+    pred_dir, ref_dir, _ = _write_cases(tmp_path, ids=("caseA", "caseB"))
+    (pred_dir / "caseB_seg.nii.gz").unlink()
+    out = tmp_path / "report"
+    args = ["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"trunet evaluate: error: {pred_dir}: no prediction for 1 of 2 reference case(s): "
+                              "caseB;") and "--allow-missing" in err[-1]
+    assert not out.exists()
+    assert main([*args, "--allow-missing"]) == 0
+    assert json.loads((out / "summary.json").read_text())["missing_predictions"] == ["caseB"]
+
+    with pytest.raises(DataError, match="report: holds an earlier report; pass --overwrite"):
+        run_evaluation(pred_dir, ref_dir, out, allow_missing=True, figures=False)
+    earlier = (out / "summary.json").read_text()
+
+    evaluate_case = evaluation_run.evaluate_case
+
+    def fails_half_way(*a, **k):
+        evaluate_case(*a, **k)
+        raise MemoryError("the job dies half way through the report")
+
+    monkeypatch.setattr(evaluation_run, "evaluate_case", fails_half_way)
+    with pytest.raises(MemoryError):
+        run_evaluation(pred_dir, ref_dir, out, allow_missing=True, overwrite=True)
+    assert (out / "summary.json").read_text() == earlier  # the earlier report, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["datalist.json", "pred", "ref", "report"]  # no staging left
+    monkeypatch.undo()
+    summary = run_evaluation(pred_dir, ref_dir, out, allow_missing=True, overwrite=True, figures=False)
+    assert summary["n_cases"] == 1 and not (out / "figures").exists()  # replaced, not merged
+
+
 def test_bad_inputs_are_data_errors(tmp_path):
     pred_dir, ref_dir, datalist = _write_cases(tmp_path, ids=("caseA",))
     with pytest.raises(DataError, match="prediction folder not found"):

@@ -153,6 +153,18 @@ def test_cli_plan_bad_budget_is_one_line_exit_2(capsys, repo):
     assert code == 2 and "--vram-gb must be a positive" in err and err.count("\n") == 1
 
 
+def test_cli_plan_refuses_to_replace_an_earlier_fragment(tmp_path, capsys, repo):
+    from trunet.cli import main
+
+    out = tmp_path / "fragment.yaml"
+    out.write_text("train: {patch_size: [64, 64, 8]}\n")
+    code = main(["plan", "--config", str(repo / "configs" / "default.yaml"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"{out}: exists (an earlier plan?); pass --overwrite" in err
+    assert out.read_text() == "train: {patch_size: [64, 64, 8]}\n"
+
+
 def test_estimate_leaves_global_rng_alone():
     """The trainer calls estimate_memory after seeding: it must not shift the random streams."""
     import torch

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -29,7 +30,8 @@ import yaml
 
 from trunet.errors import DiskFullError
 
-__all__ = ["atomic_path", "write_text", "write_json", "write_yaml", "is_disk_full", "remove_stale_temporaries"]
+__all__ = ["atomic_path", "atomic_folder", "write_text", "write_json", "write_yaml", "is_disk_full",
+           "remove_stale_temporaries"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,33 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None, size_hint: i
         free = shutil.disk_usage(_existing_parent(final)).free
         needed = size_hint if size_hint is not None else (written or None)
         raise DiskFullError(final, free, needed, at_least=size_hint is None) from None
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it takes ``path``'s place (a report written in
+    parts: either all of it is there, or the earlier one).
+
+    An existing ``path`` is replaced (the caller decides whether that is allowed): it is renamed aside,
+    the new folder renamed into place, then the old one removed. On an exception the temporary folder is
+    removed and ``path`` is left as it was.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old") if final.exists() else None
+        if old is not None:
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_folder(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _umask() -> int:

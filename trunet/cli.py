@@ -99,7 +99,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from trunet.pipeline.evaluation import run_evaluation
 
-    run_evaluation(pred=args.pred, ref=args.ref, out_dir=args.out, classes=args.classes)
+    run_evaluation(pred=args.pred, ref=args.ref, out_dir=args.out, classes=args.classes,
+                   allow_missing=args.allow_missing, overwrite=args.overwrite)
     return 0
 
 
@@ -107,7 +108,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     from trunet.pipeline.planning import run_plan
 
-    run_plan(config, vram_gb=args.vram_gb, headroom=args.headroom, out=args.out)
+    run_plan(config, vram_gb=args.vram_gb, headroom=args.headroom, out=args.out, overwrite=args.overwrite)
     return 0
 
 
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="report folder (CSV, JSON, PNG figures)")
     p.add_argument("--classes", nargs="+", default=None,
                    help="class names by label value (default: background RV MYO LV)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="evaluate the predicted cases when some references have no prediction (refused otherwise)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out (refused otherwise)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("plan", help="estimate training memory and choose the largest patch that fits a GPU")
@@ -177,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vram-gb", type=float, default=40.0, help="GPU memory budget in GB (default: 40)")
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of the budget kept free (default: 0.1)")
     p.add_argument("--out", type=Path, default=None, help="write the chosen values as a config fragment (YAML)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (refused otherwise)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_plan)
     return parser

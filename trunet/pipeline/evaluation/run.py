@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 
 from trunet import __version__
-from trunet.atomic import write_json
+from trunet.atomic import atomic_folder, write_json
 from trunet.config import DataConfig
 from trunet.errors import DataError
 from trunet.pipeline.evaluation import report
@@ -40,22 +40,30 @@ def run_evaluation(
     classes: Sequence[str] | None = None,
     jump_threshold: float = DEFAULT_JUMP_THRESHOLD,
     figures: bool = True,
+    allow_missing: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate every ``<case_id>_seg.nii.gz`` in ``pred`` against its reference; write the report.
 
     Args:
         pred: folder of 4D ``(x, y, z, t)`` uint8 predictions.
         ref: a folder of 4D label files, a datalist JSON or an ACDC-layout root (see :func:`find_references`).
-        out_dir: report folder (created): ``per_case.csv``, ``per_frame.csv``, ``summary.json``, ``figures/``.
+        out_dir: report folder (created): ``per_case.csv``, ``per_frame.csv``, ``summary.json``, ``figures/``,
+            written in a temporary folder that takes its place at the end (a failure leaves no partial
+            report).
         classes: class names by label value (default ``DataConfig().classes``).
         jump_threshold: fraction of a curve's maximum above which a frame is a jump.
         figures: write the PNG figures.
+        allow_missing: evaluate the predicted cases when some references have no prediction (listed in the
+            summary's ``missing_predictions``); refused otherwise.
+        overwrite: replace an existing report in ``out_dir`` (refused otherwise).
 
     Returns:
         The summary written to ``summary.json``.
 
     Raises:
-        DataError: missing/unreadable files, no prediction, no prediction with a reference, a
+        DataError: missing/unreadable files, no prediction, no prediction with a reference, references
+            without prediction (unless ``allow_missing``), an existing report (unless ``overwrite``), a
             prediction and reference on different grids (shape, or affine beyond 1e-3), bad label values.
 
     Example::
@@ -102,7 +110,25 @@ def run_evaluation(
         logger.warning("classes %s lack %s: the clinical indices needing them are skipped", classes, absent)
     if out_dir.resolve() == pred_dir.resolve():
         raise DataError(out_dir, "the report folder must differ from the prediction folder")
+    if missing_preds and not allow_missing:
+        shown = ", ".join(missing_preds[:10]) + (", ..." if len(missing_preds) > 10 else "")
+        raise DataError(pred_dir, f"no prediction for {len(missing_preds)} of {len(refs)} reference case(s): "
+                                  f"{shown}; predict them, or evaluate the others with --allow-missing")
+    if missing_preds:
+        logger.warning("no prediction for %d reference case(s), not evaluated: %s", len(missing_preds),
+                       ", ".join(missing_preds))
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise DataError(out_dir, "holds an earlier report; pass --overwrite to replace it or choose another --out")
+    with atomic_folder(out_dir) as staging:
+        return _write_report(pred_dir, ref, staging, classes, jump_threshold, figures, pred_files, refs, matched,
+                             missing_refs, missing_preds, struct)
 
+
+def _write_report(pred_dir: Path, ref: str | os.PathLike, out_dir: Path, classes: list[str], jump_threshold: float,
+                  figures: bool, pred_files: dict[str, Path], refs: dict[str, Any], matched: list[str],
+                  missing_refs: list[str], missing_preds: list[str], struct: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the matched cases and write the report into ``out_dir`` (a staging folder that takes the
+    report folder's place afterwards); return the summary."""
     fig_dir = out_dir / "figures"
     case_rows: list[dict[str, Any]] = []
     frame_rows: list[dict[str, Any]] = []

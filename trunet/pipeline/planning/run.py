@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 from trunet.atomic import write_yaml
@@ -29,10 +30,14 @@ def run_plan(
     vram_gb: float = 40.0,
     headroom: float = 0.1,
     out: Optional[str | os.PathLike] = None,
+    overwrite: bool = False,
 ) -> PlanResult:
     """``trunet plan``: print the estimate of ``config`` as given, search, print the candidates, write the
-    chosen values as a YAML fragment to ``out`` (atomically) when given. Returns the :class:`PlanResult`."""
+    chosen values as a YAML fragment to ``out`` (atomically) when given; an existing ``out`` is replaced only
+    with ``overwrite`` (refused before any work otherwise). Returns the :class:`PlanResult`."""
     budget = check_budget(vram_gb, headroom)
+    if out is not None and Path(out).exists() and not overwrite:
+        raise TrunetError(f"{out}: exists (an earlier plan?); pass --overwrite to replace it or choose another --out")
     try:
         given = estimate_memory(config)
     except TrunetError as exc:  # e.g. a patch the strides do not divide: still plan
