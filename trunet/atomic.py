@@ -64,13 +64,14 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     if removed:
-        logger.info("removed %d temporary file(s) left by an interrupted write in %s: %s", len(removed), folder,
-                    ", ".join(p.name for p in removed))
+        logger.info("removed %d temporary file(s) left by an interrupted write in %s: %s", len(removed),
+                    folder, ", ".join(p.name for p in removed))
     return removed
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None, size_hint: int | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str | None = None,
+                size_hint: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it to ``path``.
 
     Args:

@@ -172,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", nargs="+", default=None,
                    help="class names by label value (default: background RV MYO LV)")
     p.add_argument("--allow-missing", action="store_true",
-                   help="evaluate the predicted cases when some references have no prediction (refused otherwise)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out (refused otherwise)")
+                   help="evaluate the predicted cases when some references have no prediction "
+                   "(refused otherwise)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier report in --out (refused otherwise)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("plan", help="estimate training memory and choose the largest patch that fits a GPU")
@@ -181,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vram-gb", type=float, default=40.0, help="GPU memory budget in GB (default: 40)")
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of the budget kept free (default: 0.1)")
     p.add_argument("--out", type=Path, default=None, help="write the chosen values as a config fragment (YAML)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (refused otherwise)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (refused otherwise)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_plan)
     return parser

@@ -194,8 +194,9 @@ def load_checkpoint(
         )
     stored = payload.get("checksum")
     if stored is not None and payload_checksum(payload) != stored:
-        raise CheckpointError(f"{p}: corrupt checkpoint: its content does not match the checksum written with "
-                              "it (changed after it was saved); use another checkpoint, e.g. best.pt or a copy")
+        raise CheckpointError(f"{p}: corrupt checkpoint: its content does not match the checksum written "
+                              "with it (changed after it was saved); use another checkpoint, e.g. best.pt "
+                              "or a copy")
     return payload
 
 

@@ -118,10 +118,11 @@ def run_evaluation(
         logger.warning("no prediction for %d reference case(s), not evaluated: %s", len(missing_preds),
                        ", ".join(missing_preds))
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise DataError(out_dir, "holds an earlier report; pass --overwrite to replace it or choose another --out")
+        raise DataError(out_dir, "holds an earlier report; pass --overwrite to replace it or choose another "
+                                 "--out")
     with atomic_folder(out_dir) as staging:
-        return _write_report(pred_dir, ref, staging, classes, jump_threshold, figures, pred_files, refs, matched,
-                             missing_refs, missing_preds, struct)
+        return _write_report(pred_dir, ref, staging, classes, jump_threshold, figures, pred_files, refs,
+                             matched, missing_refs, missing_preds, struct)
 
 
 def _write_report(pred_dir: Path, ref: str | os.PathLike, out_dir: Path, classes: list[str], jump_threshold: float,
