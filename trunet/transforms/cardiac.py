@@ -367,7 +367,8 @@ class RandCorruptFramesd(Randomizable, MapTransform):
         first = d[self.first_key(d)]
         self.randomize(first.shape[0])
         if self.clean_key is not None:
-            d[self.clean_key] = first  # the corrupted image below is a new array; this one is not modified
+            # a copy, not the same object: a later transform acting in place on one key must not reach the other
+            d[self.clean_key] = first.clone() if isinstance(first, torch.Tensor) else np.array(first, copy=True)
         if not self.frames:
             return d
         for key in self.key_iterator(d):
