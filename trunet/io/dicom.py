@@ -217,20 +217,30 @@ def _single_frame_plane(path: Path, ds: Any) -> Plane:
     for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if key not in ds:
             raise DataError(path, f"has no {key}; a cine needs the image geometry")
-    trigger = ds.get("TriggerTime")
-    return Plane(
-        path=path, frame=None, sop_instance_uid=str(ds.SOPInstanceUID),
-        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
-        series_description=str(ds.get("SeriesDescription", "")),
-        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
-        position=_floats(ds.ImagePositionPatient, 3, path, "ImagePositionPatient"),
-        orientation=_floats(ds.ImageOrientationPatient, 6, path, "ImageOrientationPatient"),
-        pixel_spacing=tuple(float(v) for v in _floats(ds.PixelSpacing, 2, path, "PixelSpacing")),  # type: ignore[arg-type]
-        rows=int(ds.Rows), columns=int(ds.Columns),
-        trigger_time=None if trigger in (None, "") else float(trigger),
+    return _plane(
+        path, None, ds, ds, ds, ds, ds.get("TriggerTime"),
         instance_number=int(ds.get("InstanceNumber") or 0),
         cardiac_images=int(ds.CardiacNumberOfImages) if ds.get("CardiacNumberOfImages") else None,
         localizer="LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])],
+    )
+
+
+def _plane(path: Path, frame: Optional[int], ds: Any, pos: Any, ori: Any, meas: Any, trigger: Any, *,
+           instance_number: int, cardiac_images: Optional[int], localizer: bool) -> Plane:
+    """A :class:`Plane` from a dataset ``ds`` (identity, matrix) and the items holding its plane position,
+    orientation and pixel measures (``ds`` itself for a single-frame image, functional groups for a frame
+    of an enhanced one)."""
+    return Plane(
+        path=path, frame=frame, sop_instance_uid=str(ds.SOPInstanceUID),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        series_description=str(ds.get("SeriesDescription", "")),
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+        position=_floats(pos.ImagePositionPatient, 3, path, "ImagePositionPatient"),
+        orientation=_floats(ori.ImageOrientationPatient, 6, path, "ImageOrientationPatient"),
+        pixel_spacing=tuple(float(v) for v in _floats(meas.PixelSpacing, 2, path, "PixelSpacing")),  # type: ignore[arg-type]
+        rows=int(ds.Rows), columns=int(ds.Columns),
+        trigger_time=None if trigger in (None, "") else float(trigger),
+        instance_number=instance_number, cardiac_images=cardiac_images, localizer=localizer,
     )
 
 
@@ -265,19 +275,9 @@ def _multi_frame_planes(path: Path, ds: Any) -> list[Plane]:
         if legacy is not None:  # a legacy-converted enhanced image keeps the single-frame attributes here
             trigger = trigger if trigger not in (None, "") else legacy.get("TriggerTime")
             temporal = temporal or legacy.get("InstanceNumber")
-        planes.append(Plane(
-            path=path, frame=i, sop_instance_uid=str(ds.SOPInstanceUID),
-            series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
-            series_description=str(ds.get("SeriesDescription", "")),
-            study_instance_uid=str(ds.get("StudyInstanceUID", "")),
-            position=_floats(pos.ImagePositionPatient, 3, path, "ImagePositionPatient"),
-            orientation=_floats(ori.ImageOrientationPatient, 6, path, "ImageOrientationPatient"),
-            pixel_spacing=tuple(float(v) for v in _floats(meas.PixelSpacing, 2, path, "PixelSpacing")),  # type: ignore[arg-type]
-            rows=int(ds.Rows), columns=int(ds.Columns),
-            trigger_time=None if trigger in (None, "") else float(trigger),
-            instance_number=int(temporal) if temporal else i + 1,
-            cardiac_images=None, localizer=False,
-        ))
+        planes.append(_plane(path, i, ds, pos, ori, meas, trigger,
+                             instance_number=int(temporal) if temporal else i + 1, cardiac_images=None,
+                             localizer=False))
     return planes
 
 
