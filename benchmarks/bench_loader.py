@@ -34,6 +34,7 @@ from machine import cpu_name
 from trunet.data.phantom import write_phantom_dataset
 from trunet.config import load_config
 from trunet.data.cases import read_datalist
+from trunet.pipeline.precision import autocast_dtype
 from trunet.pipeline.training.loaders import build_train_loader
 
 
@@ -85,7 +86,7 @@ def bench_train_step(config, batch_shape, device: torch.device, steps: int, warm
     label = torch.randint(0, classes, batch_shape, device=device)
     label[:, 1::2] = config.data.ignore_index  # sparse labels, as in training
     amp = config.train.amp and device.type == "cuda"
-    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    dtype = autocast_dtype("cuda") if amp else torch.float16
     times = []
     for i in range(warmup + steps):
         if device.type == "cuda":

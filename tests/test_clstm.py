@@ -230,3 +230,36 @@ def test_bidirectional_sees_both_directions():
     causal = ConvLSTM(1, 2, 3, 2, batch_first=False, spatial_dims=2)
     (ref,), _ = causal(x)
     torch.testing.assert_close(causal(later)[0][0][:-1], ref[:-1])
+
+
+def _rollout_cell_state(cell: ConvLSTMCell, x: torch.Tensor, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, c)`` after running ``cell`` over ``x`` ``(T, B, C, *sp)`` step by step (bf16 autocast or not)."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        state = None
+        for frame in x:
+            state = cell.step(cell.input_to_state(frame), state)
+    return state
+
+
+@pytest.mark.parametrize("peephole", [False, True])
+def test_cell_state_stays_float32_under_autocast_and_drifts_less(peephole):
+    """30 frames under bf16 autocast: ``c`` is float32 and closer to the float32 run than a bf16 ``c``."""
+    torch.manual_seed(0)
+    cell = ConvLSTMCell(4, 8, 3, spatial_dims=3, peephole=peephole)
+    with torch.no_grad():  # a long memory, as trained cells keep: forget gate near 1
+        cell.conv.bias[8:16] = 3.0
+        if peephole:
+            cell.w_peephole.uniform_(-0.2, 0.2)
+    x = torch.randn(30, 2, 4, 6, 6, 3)
+    _, c_ref = _rollout_cell_state(cell, x, autocast=False)
+    h, c = _rollout_cell_state(cell, x, autocast=True)
+    assert c.dtype == torch.float32 and h.dtype == torch.bfloat16  # h only feeds the bf16 convolutions
+    err_now = float((c - c_ref).norm() / c_ref.norm())
+    try:
+        ConvLSTMCell.state_dtype = None  # the gate arithmetic and c in bf16, as before
+        _, c_bf16 = _rollout_cell_state(cell, x, autocast=True)
+    finally:
+        ConvLSTMCell.state_dtype = torch.float32
+    assert c_bf16.dtype == torch.bfloat16
+    err_before = float((c_bf16.float() - c_ref).norm() / c_ref.norm())
+    assert err_now < err_before / 2, (err_now, err_before)

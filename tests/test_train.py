@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -531,3 +532,36 @@ def test_a_full_disk_is_one_logged_line_and_keeps_the_last_checkpoint(tmp_path, 
     assert main(args) == 0  # space is back: the same command finishes the run
     assert load_checkpoint(latest)["epoch"] == 2
     assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.pt"]
+
+
+def test_emulated_bf16_gpu_takes_fp16_with_the_grad_scaler(monkeypatch, phantom, tmp_path):
+    """A GPU whose bf16 is only emulated (V100, T4) gets fp16 autocast and an enabled GradScaler; the step
+    runs that path (here on the CPU, which has fp16 autocast and a CPU GradScaler) and the loss is finite."""
+    asked = []
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return including_emulation  # emulated only
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert autocast_dtype(torch.device("cuda"), True) == torch.float16 and asked == [False]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert autocast_dtype(torch.device("cuda"), True) == torch.bfloat16
+
+    from trunet.pipeline.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "autocast_dtype", lambda device, amp=True: torch.float16 if amp else None)
+    seen = []
+    step = T.Trainer.step
+
+    def recording_step(self, batch, stop):
+        loss, stopped = step(self, batch, stop)
+        seen.append((self.amp_dtype, self.scaler.is_enabled(), loss))
+        return loss, stopped
+
+    monkeypatch.setattr(T.Trainer, "step", recording_step)
+    run = _train(tmp_path / "fp16", phantom, "train.amp=true", "train.epochs=1", "train.iterations_per_epoch=3")
+    assert len(seen) == 3
+    assert all(dtype == torch.float16 and scaled for dtype, scaled, _ in seen)
+    assert all(loss is not None and math.isfinite(loss) for *_, loss in seen), seen
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["scaler"] is not None  # its state is kept

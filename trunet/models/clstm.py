@@ -122,6 +122,10 @@ class ConvLSTMCell(nn.Module):
     and :meth:`step` (the recurrent part) instead.
     """
 
+    state_dtype: Optional[torch.dtype] = torch.float32
+    """dtype of the gate arithmetic and the cell state ``c`` under autocast (see :meth:`_gates`); ``None``
+    keeps the convolutions' low precision throughout (trunet before 2026-12, kept to measure the drift)."""
+
     def __init__(
         self,
         input_dim: int,
@@ -179,7 +183,9 @@ class ConvLSTMCell(nn.Module):
         h, c = state
         if w_h is None:
             w_h = self.split_weight()[1]
-        return self._gates(gx + self.state_to_state(h, w_h), c)
+        out_dtype = gx.dtype
+        gx = gx.to(self._arithmetic_dtype(gx.dtype))  # the sum in the state's precision, see _gates
+        return self._gates(gx + self.state_to_state(h, w_h), c, out_dtype)
 
     def state_to_state(self, h: Tensor, w_h: Tensor) -> Tensor:
         """``W_h * h``: ``(B, H, *sp) -> (B, 4H, *sp)`` (no bias: it is in the input part)."""
@@ -189,8 +195,26 @@ class ConvLSTMCell(nn.Module):
                 return out
         return self._fconv(h, w_h, None, padding=self.padding)
 
-    def _gates(self, a: Tensor, c_prev: Optional[Tensor]) -> State:
-        """Gate arithmetic on the pre-activations ``a`` ``(B, 4H, *sp)`` (order i, f, o, g)."""
+    def _arithmetic_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """:attr:`state_dtype` for a half-precision ``dtype`` (bf16, fp16); any other dtype stays."""
+        if self.state_dtype is not None and dtype in (torch.bfloat16, torch.float16):
+            return self.state_dtype
+        return dtype
+
+    def _gates(self, a: Tensor, c_prev: Optional[Tensor], out_dtype: Optional[torch.dtype] = None) -> State:
+        """Gate arithmetic on the pre-activations ``a`` ``(B, 4H, *sp)`` (order i, f, o, g).
+
+        Runs in float32 whatever the dtype of ``a``: under autocast the convolutions give bf16/fp16
+        pre-activations, but the cell state is carried across every frame of a cine (30 and more), and a
+        bf16 ``c`` (8 bits of mantissa) rounds the small forget-gate decrements away frame after frame.
+        So ``c`` is float32; ``h`` goes back in the convolutions' dtype ``out_dtype`` (default: the dtype of
+        ``a``), since it only feeds them. The class
+        attribute :attr:`state_dtype` (``None``: the pre-activations' own dtype) exists to measure that drift.
+        """
+        out_dtype = out_dtype or a.dtype
+        a = a.to(self._arithmetic_dtype(a.dtype))
+        if c_prev is not None:
+            c_prev = c_prev.to(a.dtype)
         # split/chunk rather than slicing: their backward is one concatenation instead of one zero-filled
         # full-size gradient per slice
         n = self.hidden_dim
@@ -199,8 +223,8 @@ class ConvLSTMCell(nn.Module):
             i, f, o = torch.sigmoid(a_ifo).chunk(3, dim=1)
             g = torch.tanh(a_g)
             c = i * g if c_prev is None else torch.addcmul(i * g, f, c_prev)
-            return o * torch.tanh(c), c
-        w = self.w_peephole.view(3, 1, n, *([1] * self.spatial_dims))
+            return (o * torch.tanh(c)).to(out_dtype), c
+        w = self.w_peephole.to(a.dtype).view(3, 1, n, *([1] * self.spatial_dims))
         a_i, a_f, a_o, a_g = a.chunk(4, dim=1)
         g = torch.tanh(a_g)
         if c_prev is None:
@@ -210,7 +234,7 @@ class ConvLSTMCell(nn.Module):
             f = torch.sigmoid(torch.addcmul(a_f, w[1], c_prev))
             c = torch.addcmul(i * g, f, c_prev)
         o = torch.sigmoid(torch.addcmul(a_o, w[2], c))
-        return o * torch.tanh(c), c
+        return (o * torch.tanh(c)).to(out_dtype), c
 
     def forward(self, input_tensor: Tensor, cur_state: Sequence[Tensor]) -> State:
         """One time step: ``input_tensor (B, input_dim, *sp)``, ``cur_state (h, c)`` -> ``(h_next, c_next)``."""

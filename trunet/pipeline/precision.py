@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["autocast_dtype", "autocast", "cpu_has_fast_bf16"]
+__all__ = ["autocast_dtype", "autocast", "cpu_has_fast_bf16", "cuda_has_native_bf16"]
 
 
 def autocast_dtype(device: torch.device | str, amp: bool = True) -> Optional[torch.dtype]:
@@ -16,10 +16,24 @@ def autocast_dtype(device: torch.device | str, amp: bool = True) -> Optional[tor
     if not amp:
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     if device.type == "cpu":
         return torch.bfloat16
     return torch.float16 if torch.amp.autocast_mode.is_autocast_available(device.type) else None
+
+
+def cuda_has_native_bf16(device: torch.device | str | None = None) -> bool:
+    """Whether the CUDA device computes bf16 natively (compute capability 8.0 and up: A100, H100, L4...).
+
+    ``torch.cuda.is_bf16_supported()`` alone also says yes where bf16 is only emulated (V100, T4: slower
+    than fp16 and without its tensor cores), so emulation is excluded; those GPUs take fp16 with the
+    GradScaler.
+    """
+    index = None if device is None else torch.device(device).index
+    if index is None:  # the current device
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    with torch.cuda.device(index):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def autocast(device: torch.device | str, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
