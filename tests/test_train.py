@@ -565,3 +565,24 @@ def test_emulated_bf16_gpu_takes_fp16_with_the_grad_scaler(monkeypatch, phantom,
     assert all(dtype == torch.float16 and scaled for dtype, scaled, _ in seen)
     assert all(loss is not None and math.isfinite(loss) for *_, loss in seen), seen
     assert load_checkpoint(run / "checkpoints" / "latest.pt")["scaler"] is not None  # its state is kept
+
+
+def test_resume_with_more_epochs_rescales_the_schedule(tmp_path, phantom, monkeypatch):
+    """A finished run resumed with a larger train.epochs trains its extra steps at the rates of a run planned
+    that long from the start (kept as it was, the poly decay had reached 0 and they trained at rate 0)."""
+    overrides = ("train.iterations_per_epoch=3", "train.warmup_epochs=1")
+    run = _train(tmp_path / "run", phantom, *overrides)
+    assert float(_metrics(run)[-1]["lr"]) == 0.0  # 2 epochs x 3 steps: decayed to 0
+    rates = []
+    step = T.Trainer.step
+
+    def recording_step(self, batch, stop):
+        rates.append(self.optimizer.param_groups[0]["lr"])
+        return step(self, batch, stop)
+
+    monkeypatch.setattr(T.Trainer, "step", recording_step)
+    _train(run, phantom, *overrides, "train.epochs=4", resume=True)
+    planned = T.poly_lr_lambda(total_steps=12, warmup_steps=3, power=0.9)
+    assert rates == pytest.approx([1e-3 * planned(s) for s in range(6, 12)], rel=1e-5)
+    assert min(rates) > 0
+    assert [int(r["iteration"]) for r in _metrics(run)] == [3, 6, 9, 12]

@@ -34,7 +34,10 @@ EXIT_USER_ERROR = TrunetError.exit_code
 EXIT_INTERRUPTED = 130
 RESUME_HELP = (
     "continue the run in --run-dir from checkpoints/latest.pt; '--resume auto' continues where that "
-    "checkpoint exists and starts fresh otherwise (the command a restarted job can run every time)"
+    "checkpoint exists and starts fresh otherwise (the command a restarted job can run every time). "
+    "train.epochs may change on resume: the learning-rate schedule is then rescaled to the new length, "
+    "the rate becoming what a run started with the new train.epochs has at that step (it jumps up when "
+    "the run is lengthened; the log says from what to what)"
 )
 
 

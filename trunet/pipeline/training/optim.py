@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LinearLR, LRScheduler, PolynomialLR, SequentialLR
 
-__all__ = ["build_optimizer", "build_scheduler", "load_scheduler_state", "poly_lr_lambda"]
+__all__ = ["build_optimizer", "build_scheduler", "load_scheduler_state", "poly_lr_lambda", "replay_scheduler"]
 
 
 def build_optimizer(model: nn.Module, t: Any) -> torch.optim.Optimizer:
@@ -52,9 +52,15 @@ def load_scheduler_state(scheduler: LRScheduler, state: dict[str, Any]) -> None:
     if "lr_lambdas" not in state:
         scheduler.load_state_dict(state)
         return
+    replay_scheduler(scheduler, int(state["last_epoch"]))
+
+
+def replay_scheduler(scheduler: LRScheduler, steps: int) -> None:
+    """Step a freshly built schedule ``steps`` times (no optimizer steps): the optimizer's rate becomes the
+    schedule's at that step."""
     with warnings.catch_warnings():  # stepping a schedule without optimizer steps warns; here it is the point
         warnings.simplefilter("ignore", UserWarning)
-        for _ in range(int(state["last_epoch"])):
+        for _ in range(steps):
             scheduler.step()
 
 

@@ -57,7 +57,12 @@ from trunet.pipeline.training.debug import (
 from trunet.pipeline.training.distributed import DistContext
 from trunet.pipeline.training.loaders import build_eval_dataset, build_train_loader
 from trunet.pipeline.training.losses import build_criterion, consistency_loss
-from trunet.pipeline.training.optim import build_optimizer, build_scheduler, load_scheduler_state
+from trunet.pipeline.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    load_scheduler_state,
+    replay_scheduler,
+)
 from trunet.pipeline.training.resume import check_resume_config
 from trunet.pipeline.training.signals import QuietWorkerInit, StopRequest, TrainingInterrupted
 from trunet.pipeline.training.tracking import Tracker
@@ -205,6 +210,7 @@ class Trainer:
             self.optimizer.load_state_dict(payload["optimizer"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise TrunetError(f"{self.latest_path}: cannot resume from this checkpoint: {exc}") from None
+        self._rescale_schedule(payload)
         if payload.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(payload["scaler"])
         self.epoch = int(payload["epoch"])
@@ -218,6 +224,27 @@ class Trainer:
         best = "none" if self.best_metric is None else f"{self.best_metric:.4f}"
         logger.info("resuming %s at epoch %d, step %d (best mean Dice so far: %s)", self.run_dir,
                     self.epoch + 1, self.iteration, best)
+
+    def _rescale_schedule(self, payload: dict[str, Any]) -> None:
+        """When ``train.epochs`` changed on resume, rebuild the learning-rate schedule for the new length at
+        the checkpoint's step: the rate becomes what a run started with the new ``train.epochs`` would have
+        there (nnU-Net's choice). Kept as it was, a lengthened run would train its extra epochs at rate 0
+        (the poly decay had reached 0); continued from the current rate instead, a finished run extended
+        would too. So the rate jumps (up when lengthened), and the log says so."""
+        t = self.t
+        saved_epochs = int(payload.get("config", {}).get("train", {}).get("epochs", t.epochs))
+        total, step = t.epochs * t.iterations_per_epoch, int(payload["iteration"])
+        if saved_epochs == t.epochs or step >= total:
+            return
+        before = self.optimizer.param_groups[0]["lr"]
+        for group in self.optimizer.param_groups:  # a fresh schedule starts from the base rate
+            group["lr"] = group["initial_lr"]
+        self.scheduler = build_scheduler(self.optimizer, total, t.warmup_epochs * t.iterations_per_epoch,
+                                         t.poly_power)
+        replay_scheduler(self.scheduler, step)
+        logger.info("train.epochs changed on resume (%d -> %d): the learning-rate schedule is rescaled to the "
+                    "new length; at step %d the rate is %.3e (was %.3e)", saved_epochs, t.epochs, step,
+                    self.optimizer.param_groups[0]["lr"], before)
 
     def save(self, best: bool = False) -> None:
         """Rank 0 writes ``latest.pt`` (and ``best.pt``); the other ranks write nothing."""
