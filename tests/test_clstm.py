@@ -182,11 +182,14 @@ def test_arguments_are_validated():
 
 
 # --- gradients ------------------------------------------------------------------------------------------
-def test_gradcheck_float64_tiny_peephole_layer():
+@pytest.mark.parametrize("peephole", [True, False])
+def test_gradcheck_float64_tiny_layer(peephole):
+    """The hand-written backward of the gate arithmetic (first step from a zero state included)."""
     torch.manual_seed(2)
-    model = ConvLSTM(1, 2, 3, 1, batch_first=True, spatial_dims=2, peephole=True).double()
-    with torch.no_grad():
-        model.cell_list[0].w_peephole.normal_()
+    model = ConvLSTM(1, 2, 3, 1, batch_first=True, spatial_dims=2, peephole=peephole).double()
+    if peephole:
+        with torch.no_grad():
+            model.cell_list[0].w_peephole.normal_()
     params = list(model.parameters())
     x = torch.randn(1, 3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
 

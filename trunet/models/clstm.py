@@ -106,6 +106,96 @@ def _conv_as_two_halves(fconv, h: Tensor, weight: Tensor, padding: tuple[int, ..
     return None
 
 
+def _gate_values(a: Tensor, c_prev: Optional[Tensor], w: Optional[Tensor]) -> tuple[Tensor, ...]:
+    """``(i, f, o, g, c, tanh(c))`` of the ConvLSTM equations (module docstring) from the pre-activations
+    ``a`` ``(B, 4H, *sp)`` (order i, f, o, g) and ``c_prev`` (``None``: zero), all in ``a``'s dtype.
+    ``w``: the peephole weights ``(3, H)`` or ``None``."""
+    if w is None:
+        a_ifo, a_g = a.split([3 * a.shape[1] // 4, a.shape[1] // 4], dim=1)
+        i, f, o = torch.sigmoid(a_ifo).chunk(3, dim=1)
+        g = torch.tanh(a_g)
+        c = i * g if c_prev is None else torch.addcmul(i * g, f, c_prev)
+        return i, f, o, g, c, torch.tanh(c)
+    a_i, a_f, a_o, a_g = a.chunk(4, dim=1)
+    g = torch.tanh(a_g)
+    w = w.to(a.dtype).view(3, 1, -1, *([1] * (a.dim() - 2)))
+    if c_prev is None:
+        i, f = torch.sigmoid(a_i), None
+        c = i * g
+    else:
+        i = torch.sigmoid(torch.addcmul(a_i, w[0], c_prev))
+        f = torch.sigmoid(torch.addcmul(a_f, w[1], c_prev))
+        c = torch.addcmul(i * g, f, c_prev)
+    o = torch.sigmoid(torch.addcmul(a_o, w[2], c))
+    return i, f, o, g, c, torch.tanh(c)
+
+
+class _GateFunction(torch.autograd.Function):
+    """``(a, c_prev, w_peephole) -> (h, c)``: the gate arithmetic of one step, recomputed in backward.
+
+    Written by hand because autograd would save six gate tensors per step (i, f, o, g, c, tanh c) in the
+    arithmetic's float32, a third more activation memory than the bf16 gates of autocast for the default
+    model; this saves only the pre-activations as they come (bf16 under autocast) and ``c_prev``, and
+    recomputes the elementwise gates in backward (cheap next to the convolutions).
+
+    Args (of ``apply``): ``a`` ``(B, 4H, *sp)``; ``c_prev`` ``(B, H, *sp)`` or ``None`` (zero state);
+    ``w`` ``(3, H)`` or ``None``; ``arithmetic``: the dtype of the arithmetic and of ``c``; ``out_dtype``:
+    that of ``h``.
+    """
+
+    @staticmethod
+    def forward(ctx, a, c_prev, w, arithmetic, out_dtype):  # noqa: ANN001, ANN205 - autograd's signature
+        a32 = a.to(arithmetic)
+        cp = None if c_prev is None else c_prev.to(arithmetic)
+        *_, o, _g, c, tc = _gate_values(a32, cp, w)
+        if a._base is not None and any(ctx.needs_input_grad):
+            # a view (the first step's gates are a slice of all frames' input gates): saved as it is, it
+            # would keep every frame's input gates alive until backward
+            a = a.clone()
+        ctx.save_for_backward(a, c_prev, w)
+        ctx.arithmetic = arithmetic
+        return (o * tc).to(out_dtype), c
+
+    @staticmethod
+    def backward(ctx, dh, dc_out):  # noqa: ANN001, ANN205
+        a, c_prev, w = ctx.saved_tensors
+        arithmetic = ctx.arithmetic
+        a32 = a.to(arithmetic)
+        cp = None if c_prev is None else c_prev.to(arithmetic)
+        i, f, o, g, c, tc = _gate_values(a32, cp, w)
+        dh = torch.zeros_like(c) if dh is None else dh.to(arithmetic)
+        dc = torch.zeros_like(c) if dc_out is None else dc_out.to(arithmetic)
+        do = dh * tc
+        dz_o = do * o * (1 - o)
+        dc = dc + dh * o * (1 - tc * tc)
+        wv = None if w is None else w.to(arithmetic).view(3, 1, -1, *([1] * (a.dim() - 2)))
+        if wv is not None:
+            dc = dc + dz_o * wv[2]
+        dz_i = dc * g * i * (1 - i)
+        dz_g = dc * i * (1 - g * g)
+        if cp is None:
+            dz_f = torch.zeros_like(c)
+            dcp = None
+        else:
+            dz_f = dc * cp * f * (1 - f)
+            dcp = dc * f
+            if wv is not None:
+                dcp = dcp + dz_i * wv[0] + dz_f * wv[1]
+        da = torch.cat([dz_i, dz_f, dz_o, dz_g], dim=1).to(a.dtype)
+        dw = None
+        if w is not None and ctx.needs_input_grad[2]:
+            reduce = [0, *range(2, a.dim())]
+            zero = torch.zeros(dz_i.shape[1], dtype=arithmetic, device=a.device)
+            dw = torch.stack([
+                zero if cp is None else (dz_i * cp).sum(reduce),
+                zero if cp is None else (dz_f * cp).sum(reduce),
+                (dz_o * c).sum(reduce),
+            ]).to(w.dtype)
+        if dcp is not None:
+            dcp = dcp.to(c_prev.dtype)
+        return da, dcp, dw, None, None
+
+
 class ConvLSTMCell(nn.Module):
     """One ConvLSTM cell (one layer, one direction).
 
@@ -183,9 +273,7 @@ class ConvLSTMCell(nn.Module):
         h, c = state
         if w_h is None:
             w_h = self.split_weight()[1]
-        out_dtype = gx.dtype
-        gx = gx.to(self._arithmetic_dtype(gx.dtype))  # the sum in the state's precision, see _gates
-        return self._gates(gx + self.state_to_state(h, w_h), c, out_dtype)
+        return self._gates(gx + self.state_to_state(h, w_h), c)
 
     def state_to_state(self, h: Tensor, w_h: Tensor) -> Tensor:
         """``W_h * h``: ``(B, H, *sp) -> (B, 4H, *sp)`` (no bias: it is in the input part)."""
@@ -204,37 +292,17 @@ class ConvLSTMCell(nn.Module):
     def _gates(self, a: Tensor, c_prev: Optional[Tensor], out_dtype: Optional[torch.dtype] = None) -> State:
         """Gate arithmetic on the pre-activations ``a`` ``(B, 4H, *sp)`` (order i, f, o, g).
 
-        Runs in float32 whatever the dtype of ``a``: under autocast the convolutions give bf16/fp16
+        Runs in float32 for half-precision ``a``: under autocast the convolutions give bf16/fp16
         pre-activations, but the cell state is carried across every frame of a cine (30 and more), and a
         bf16 ``c`` (8 bits of mantissa) rounds the small forget-gate decrements away frame after frame.
         So ``c`` is float32; ``h`` goes back in the convolutions' dtype ``out_dtype`` (default: the dtype of
-        ``a``), since it only feeds them. The class
-        attribute :attr:`state_dtype` (``None``: the pre-activations' own dtype) exists to measure that drift.
+        ``a``), since it only feeds them. The class attribute :attr:`state_dtype` (``None``: the
+        pre-activations' own dtype) exists to measure that drift. Memory: see :class:`_GateFunction`.
         """
         out_dtype = out_dtype or a.dtype
-        a = a.to(self._arithmetic_dtype(a.dtype))
-        if c_prev is not None:
-            c_prev = c_prev.to(a.dtype)
-        # split/chunk rather than slicing: their backward is one concatenation instead of one zero-filled
-        # full-size gradient per slice
-        n = self.hidden_dim
-        if self.w_peephole is None:
-            a_ifo, a_g = a.split([3 * n, n], dim=1)
-            i, f, o = torch.sigmoid(a_ifo).chunk(3, dim=1)
-            g = torch.tanh(a_g)
-            c = i * g if c_prev is None else torch.addcmul(i * g, f, c_prev)
-            return (o * torch.tanh(c)).to(out_dtype), c
-        w = self.w_peephole.to(a.dtype).view(3, 1, n, *([1] * self.spatial_dims))
-        a_i, a_f, a_o, a_g = a.chunk(4, dim=1)
-        g = torch.tanh(a_g)
-        if c_prev is None:
-            c = torch.sigmoid(a_i) * g
-        else:
-            i = torch.sigmoid(torch.addcmul(a_i, w[0], c_prev))
-            f = torch.sigmoid(torch.addcmul(a_f, w[1], c_prev))
-            c = torch.addcmul(i * g, f, c_prev)
-        o = torch.sigmoid(torch.addcmul(a_o, w[2], c))
-        return (o * torch.tanh(c)).to(out_dtype), c
+        arithmetic = self._arithmetic_dtype(a.dtype)
+        w = self.w_peephole
+        return _GateFunction.apply(a, c_prev, w, arithmetic, out_dtype)
 
     def forward(self, input_tensor: Tensor, cur_state: Sequence[Tensor]) -> State:
         """One time step: ``input_tensor (B, input_dim, *sp)``, ``cur_state (h, c)`` -> ``(h_next, c_next)``."""
