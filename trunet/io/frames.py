@@ -46,11 +46,25 @@ class FrameFolder:
 
     @staticmethod
     def combine(folder: Path, frames: list[CineMeta]) -> CineMeta:
-        """The cine's geometry from its frames' (checked to agree)."""
+        """The cine's geometry from its frames' (checked to agree).
+
+        Args:
+            folder: the per-frame folder.
+            frames: the geometry of each file, in frame order; each must be 3D (or 4D with one frame).
+
+        Returns:
+            :class:`CineMeta` of shape ``(X, Y, Z, T)``, ``T = len(frames)``, without a time step.
+
+        Raises:
+            DataError: a file that holds several frames (the first one too: its frame 0 is never taken
+                silently), or a shape or affine that differs from the first frame's.
+        """
+        for m in frames:
+            if m.ndim != 3 and m.n_frames != 1:
+                raise DataError(m.path, f"is a {m.ndim}D image of shape {m.shape}; each file of a per-frame "
+                                        "folder must be one 3D frame (give a 4D file as the cine itself)")
         first = frames[0]
         for m in frames[1:]:
-            if m.ndim != 3 and m.n_frames != 1:
-                raise DataError(m.path, "a frame of a per-frame folder must be a 3D image")
             if m.spatial_shape != first.spatial_shape:
                 raise DataError(m.path, f"frame shape {m.spatial_shape} differs from the first frame's "
                                         f"{first.spatial_shape}")
