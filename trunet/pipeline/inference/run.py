@@ -290,8 +290,8 @@ def run_prediction(
 
     Args:
         checkpoint: a ``.pt`` written by training (``RUN/checkpoints/best.pt``).
-        inputs: a 4D image file, a DICOM cine folder, a folder of them or a datalist JSON (see
-            :func:`find_inputs`).
+        inputs: a 4D image file, a DICOM cine folder, a folder of per-frame 3D files, a folder of them or a
+            datalist JSON (see :func:`find_inputs`).
         output_dir: created if missing. For each case ``<case_id>_seg.nii.gz``: uint8 labels ``(x, y, z, t)``
             on the scan's exact grid (shape, affine, header, time step). With ``save_probabilities`` also
             ``<case_id>_prob_<k>_<class>.nii.gz`` per class ``k``: float32 softmax probabilities
