@@ -320,7 +320,8 @@ def test_evaluate_takes_every_case_source_training_takes(tmp_path, capsys, sourc
     lists.mkdir()
     items = [{"image": f"../ACDC/training/{c}/{c}_4d.nii.gz", "ed": 0, "es": 4,
               "label": {"0": f"../ACDC/training/{c}/{c}_frame01_gt.nii.gz",
-                        "4": f"../ACDC/training/{c}/{c}_frame05_gt.nii.gz"}} for c in ("patient001", "patient002")]
+                        "4": f"../ACDC/training/{c}/{c}_frame05_gt.nii.gz"}}
+             for c in ("patient001", "patient002")]
     (lists / "datalist.json").write_text(json.dumps({"training": items}))
     pred = tmp_path / "pred"
     pred.mkdir()
@@ -330,7 +331,8 @@ def test_evaluate_takes_every_case_source_training_takes(tmp_path, capsys, sourc
     trained = resolve_cases(DataConfig(root=str(ref), val_fraction=0.0), None)  # training takes it
     assert sorted(c["case_id"] for c in trained.all()) == ["patient001", "patient002"]
     out = tmp_path / "report"
-    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(out)]) == 0, capsys.readouterr().err
+    code = main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cases"] == ["patient001", "patient002"] and summary["missing_predictions"] == []
     rows = {r["case_id"]: r for r in _read_csv(out / "per_case.csv")}
@@ -420,6 +422,8 @@ def test_bad_inputs_are_data_errors(tmp_path):
         run_evaluation(tmp_path / "nope", datalist, tmp_path / "o")
     with pytest.raises(DataError, match="reference not found"):
         run_evaluation(pred_dir, tmp_path / "nope", tmp_path / "o")
+    with pytest.raises(DataError, match="caseA_gt.nii.gz: is an image; --ref takes a datalist"):
+        run_evaluation(pred_dir, ref_dir / "caseA_gt.nii.gz", tmp_path / "o")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "caseA_seg.nii.gz").write_bytes(b"not a nifti")

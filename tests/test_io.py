@@ -98,7 +98,8 @@ def test_a_4d_file_in_a_folder_of_frames_is_refused(case: dict, tmp_path: Path, 
     write_nifti(folder / four_d, frames[..., :2], meta.affine, 37.5)
     shape = rf"\({SHAPE[0]}, {SHAPE[1]}, {SHAPE[2]}, 2\)"
     for read in (read_header, load_cine):
-        with pytest.raises(DataError, match=rf"{four_d}: is a 4D image of shape {shape}; .*one 3D frame") as err:
+        with pytest.raises(DataError, match=rf"{four_d}: is a 4D image of shape {shape}; .*one 3D frame") \
+                as err:
             read(folder)
         assert "\n" not in str(err.value)
 

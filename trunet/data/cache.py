@@ -62,7 +62,8 @@ def encode_item(value: Any, where: str = "item") -> Any:
         TypeError: a value of another type (a transform that produces it needs an entry here).
     """
     if isinstance(value, MetaTensor):
-        return {_TAG: "MetaTensor", "array": value.as_tensor(), "meta": encode_item(value.meta, f"{where}.meta"),
+        return {_TAG: "MetaTensor", "array": value.as_tensor(),
+                "meta": encode_item(value.meta, f"{where}.meta"),
                 "applied_operations": encode_item(value.applied_operations, f"{where}.applied_operations"),
                 "is_batch": bool(value.is_batch)}
     if isinstance(value, torch.Tensor):
@@ -160,7 +161,8 @@ def load_item(path: str | Path) -> Any:
     if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
         raise CacheFileError("not a trunet cache file")
     if payload.get("version") != CACHE_VERSION:
-        raise CacheFileError(f"cache format version {payload.get('version')!r}, this trunet writes {CACHE_VERSION}")
+        raise CacheFileError(f"cache format version {payload.get('version')!r}, this trunet writes "
+                             f"{CACHE_VERSION}")
     if "item" not in payload:
         raise CacheFileError("a trunet cache file without an item")
     return decode_item(payload["item"])

@@ -249,8 +249,8 @@ def is_acdc_root(root: str | os.PathLike) -> bool:
 
 
 def is_case_source(root: str | os.PathLike) -> bool:
-    """True when ``root`` is what ``data.root`` (``trunet train --data``) takes: a datalist file, an ACDC-layout
-    root, or a folder holding ``datalist.json``."""
+    """True when ``root`` is what ``data.root`` (``trunet train --data``) takes: a datalist file, an
+    ACDC-layout root, or a folder holding ``datalist.json``."""
     r = Path(root)
     return r.is_file() or (r.is_dir() and (is_acdc_root(r) or (r / "datalist.json").is_file()))
 

@@ -9,7 +9,14 @@ import numpy as np
 
 from trunet.errors import DataError
 from trunet.io.base import format_for
-from trunet.io.meta import CineMeta, check_readable, is_image_path, natural_key, same_affine, strip_image_suffix
+from trunet.io.meta import (
+    CineMeta,
+    check_readable,
+    is_image_path,
+    natural_key,
+    same_affine,
+    strip_image_suffix,
+)
 
 __all__ = ["frame_files", "frame_number", "check_frame_series", "FrameFolder"]
 
@@ -61,8 +68,8 @@ def check_frame_series(folder: Path) -> list[Path]:
             series.setdefault(key[0], []).append(key[1])
     found = []
     if len(series) > 1:
-        found.append(f"frames of {len(series)} series (" + ", ".join(
-            f"{name or '<number>'}NN: {len(numbers)} files" for name, numbers in sorted(series.items())) + ")")
+        counts = [f"{name or '<number>'}NN: {len(numbers)} files" for name, numbers in sorted(series.items())]
+        found.append(f"frames of {len(series)} series ({', '.join(counts)})")
     elif series:
         numbers = sorted(next(iter(series.values())))
         steps = {b - a for a, b in zip(numbers, numbers[1:])}
@@ -70,13 +77,14 @@ def check_frame_series(folder: Path) -> list[Path]:
             twice = sorted({a for a, b in zip(numbers, numbers[1:]) if a == b})
             found.append(f"frame number(s) {_listing([str(n) for n in twice])} twice")
         elif len(steps) > 1:
-            found.append(f"frame numbers {_listing([str(n) for n in numbers], 8)} with a gap (a frame missing?)")
+            shown = _listing([str(n) for n in numbers], 8)
+            found.append(f"frame numbers {shown} with a gap (a frame missing?)")
     if unnumbered:
         found.append(f"{len(unnumbered)} file(s) without a frame number ({_listing(unnumbered)})")
     if found:
         raise DataError(folder, "is not one cine of per-frame files: it holds " + "; ".join(found) + "; a "
-                                "per-frame folder holds only one 3D file per frame, named with the frame number "
-                                "(case_frame01.nii.gz, case_frame02.nii.gz, ...)")
+                                "per-frame folder holds only one 3D file per frame, named with the frame "
+                                "number (case_frame01.nii.gz, case_frame02.nii.gz, ...)")
     return files
 
 

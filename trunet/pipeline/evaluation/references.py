@@ -13,7 +13,7 @@ import numpy as np
 
 from trunet.data.cases import is_acdc_root, is_case_source, read_case_source
 from trunet.errors import DataError
-from trunet.io import CineMeta, load_cine, load_label, strip_image_suffix
+from trunet.io import CineMeta, is_image_path, load_cine, load_label, strip_image_suffix
 
 __all__ = ["ReferenceCase", "find_references", "load_prediction", "load_reference", "read_image_frames"]
 
@@ -97,12 +97,14 @@ def find_references(ref: str | os.PathLike) -> dict[str, ReferenceCase]:
     order).
 
     Raises:
-        DataError: a missing reference, or any error of the case-source readers (an invalid datalist, a bad
-            ``Info.cfg``).
+        DataError: a missing reference, an image file, or any error of the case-source readers (an invalid
+            datalist, a bad ``Info.cfg``).
     """
     ref = Path(ref)
     if not ref.exists():
         raise DataError(ref, "reference not found")
+    if ref.is_file() and is_image_path(ref):
+        raise DataError(ref, "is an image; --ref takes a datalist, an ACDC root or a folder of label files")
     if is_case_source(ref):
         return _case_source_references(ref)
     return _label_folder_references(ref)

@@ -107,10 +107,11 @@ def find_inputs(inputs: Union[str, os.PathLike], output_dir: Union[str, os.PathL
             and anything under ``output_dir``; each 4D file is a case (each 3D file too with ``allow_3d``).
             The 3D files of a folder that holds no 4D file, two or more of them (ACDC's ``_frameNN`` files
             count as 3D), are one case: a cine of one 3D file per frame, frames in frame-number order, the
-            folder's name its id; the folder's names must say so (:func:`~trunet.io.frames.check_frame_series`).
-            Beside a 4D file, or alone in a folder, 3D files are skipped. Or a datalist JSON: its ``test``
-            list, or every list when that is empty or missing (items are ``{"image": ..., "case_id": ...}``
-            or bare paths, relative to the JSON's folder).
+            folder's name its id; the file names must say so
+            (:func:`~trunet.io.frames.check_frame_series`). Beside a 4D file, or alone in a folder, 3D
+            files are skipped. Or a datalist JSON: its ``test`` list, or every list when that is empty or
+            missing (items are ``{"image": ..., "case_id": ...}`` or bare paths, relative to the JSON's
+            folder).
         output_dir: where predictions go (excluded from a folder search).
 
     Returns:
@@ -119,9 +120,9 @@ def find_inputs(inputs: Union[str, os.PathLike], output_dir: Union[str, os.PathL
 
     Raises:
         DataError: the input does not exist, is the output folder, holds no images, or two inputs share a case
-            id; a folder of 3D files that is not one series of frames (files without a frame number, several
-            series, a number twice or a gap; a 4D file or another grid among the frames), naming the folder and
-            what it holds.
+            id; a folder of 3D files that is not one series of frames (files without a frame number,
+            several series, a number twice or a gap; a 4D file or another grid among the frames), naming
+            the folder and what it holds.
     """
     path = Path(inputs)
     if not path.exists():
