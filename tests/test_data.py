@@ -146,7 +146,8 @@ def test_median_target_spacing_from_headers(tmp_path: Path) -> None:
     assert median_target_spacing(cases) == pytest.approx((1.5, 1.4, 8.0))
 
 
-@pytest.mark.parametrize("cache, workers", [("memory", 0), ("disk", 0), ("none", 0), ("memory", 2)])
+@pytest.mark.parametrize("cache, workers",
+                         [("memory", 0), ("disk", 0), ("none", 0), ("memory", 2), ("disk", 2)])
 def test_train_loader_batches(configs_dir: Path, tmp_path: Path, three_cases: list[dict], cache: str,
                               workers: int) -> None:
     config = _config(configs_dir, f"data.cache={cache}", f"data.num_workers={workers}", "train.batch_size=2",

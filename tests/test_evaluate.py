@@ -290,6 +290,56 @@ def test_acdc_references_are_found_as_training_finds_them(tmp_path):
     assert sorted(refs) == sorted(c["case_id"] for c in read_acdc_root(acdc).all())
 
 
+def _official_acdc(root: Path, ids=("patient001", "patient002")) -> Path:
+    """ACDC as distributed: ``ACDC/training/patientNNN/`` with the 4D image, the ED and ES frames and their
+    ``_gt`` labels (frames numbered from 1), and ``Info.cfg``; no dense label."""
+    for i, cid in enumerate(ids):
+        case = root / "ACDC" / "training" / cid
+        case.mkdir(parents=True)
+        (case / "Info.cfg").write_text(f"ED: 1\nES: 5\nGroup: NOR\nHeight: 180.0\nNbFrame: {len(LV_HALF)}\n"
+                                       "Weight: 80.0\n")
+        ref = np.stack([_heart(f) for f in range(len(LV_HALF))])
+        image = (ref * 100.0 + np.random.default_rng(i).normal(0, 5, ref.shape)).astype(np.float32)
+        _save(case / f"{cid}_4d.nii.gz", image, dtype=np.float32)
+        for f in (0, 4):
+            _save(case / f"{cid}_frame{f + 1:02d}.nii.gz", image[f], dtype=np.float32)
+            _save(case / f"{cid}_frame{f + 1:02d}_gt.nii.gz", ref[f])
+    return root / "ACDC"
+
+
+@pytest.mark.parametrize("source", ["ACDC", "ACDC/training", "lists", "lists/datalist.json"])
+def test_evaluate_takes_every_case_source_training_takes(tmp_path, capsys, source):
+    """``--ref`` takes what ``--data`` takes, read by the same code: the official ACDC layout given as
+    ``ACDC/training`` or as its parent ``ACDC``, a datalist, or a folder holding ``datalist.json``."""
+    from trunet.cli import main
+    from trunet.config import DataConfig
+    from trunet.data.cases import resolve_cases
+
+    _official_acdc(tmp_path)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    items = [{"image": f"../ACDC/training/{c}/{c}_4d.nii.gz", "ed": 0, "es": 4,
+              "label": {"0": f"../ACDC/training/{c}/{c}_frame01_gt.nii.gz",
+                        "4": f"../ACDC/training/{c}/{c}_frame05_gt.nii.gz"}}
+             for c in ("patient001", "patient002")]
+    (lists / "datalist.json").write_text(json.dumps({"training": items}))
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for cid in ("patient001", "patient002"):
+        _save(pred / f"{cid}_seg.nii.gz", np.stack([_heart(f, pred=True) for f in range(len(LV_HALF))]))
+    ref = tmp_path / source
+    trained = resolve_cases(DataConfig(root=str(ref), val_fraction=0.0), None)  # training takes it
+    assert sorted(c["case_id"] for c in trained.all()) == ["patient001", "patient002"]
+    out = tmp_path / "report"
+    code = main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cases"] == ["patient001", "patient002"] and summary["missing_predictions"] == []
+    rows = {r["case_id"]: r for r in _read_csv(out / "per_case.csv")}
+    assert rows["patient001"]["n_labelled"] == "2" and rows["patient001"]["phase_source"] == "given"
+    assert (out / "figures/patient001_overlay.png").is_file()  # the image was found too
+
+
 def test_reference_layouts_missing_reference_and_empty_prediction(tmp_path, caplog):
     pred_dir, ref_dir, _ = _write_cases(tmp_path, ids=("patient001", "patient002", "patient003"),
                                         empty_pred="patient002")
@@ -372,6 +422,8 @@ def test_bad_inputs_are_data_errors(tmp_path):
         run_evaluation(tmp_path / "nope", datalist, tmp_path / "o")
     with pytest.raises(DataError, match="reference not found"):
         run_evaluation(pred_dir, tmp_path / "nope", tmp_path / "o")
+    with pytest.raises(DataError, match="caseA_gt.nii.gz: is an image; --ref takes a datalist"):
+        run_evaluation(pred_dir, ref_dir / "caseA_gt.nii.gz", tmp_path / "o")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "caseA_seg.nii.gz").write_bytes(b"not a nifti")

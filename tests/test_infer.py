@@ -15,6 +15,7 @@ from nibabel.testing import data_path as nibabel_data_path
 
 from trunet.cli import main
 from trunet.errors import CheckpointError, DataError
+from trunet.io import read_header
 from trunet.models import TimeResolvedUNet
 from trunet.pipeline.checkpoint import inference_payload, model_from_hparams, model_hparams, save_checkpoint
 from trunet.config import InferConfig, config_from_dict
@@ -364,6 +365,52 @@ def test_inputs_from_a_folder_and_a_datalist(checkpoint, tmp_path):
         ("t1", "p1_4d.nii.gz"), ("p2", "p2.nii")]
     datalist.write_text(json.dumps({"training": [{"case_id": "train1", "image": "scans/p2.nii"}], "test": []}))
     assert [c.case_id for c in find_inputs(datalist, tmp_path / "o")] == ["train1"]
+
+
+def test_a_folder_of_per_frame_files_is_one_case(checkpoint, tmp_path):
+    """One 3D file per frame in a folder is one cine, frames in frame-number order (frame2 before frame10)."""
+    folder = tmp_path / "scans"
+    frames = folder / "caseA"
+    for t in range(1, 11):
+        write_cine(frames / f"caseA_frame{t}.nii.gz", shape=(20, 16, 6))
+    write_cine(folder / "p2_4d.nii.gz", shape=(20, 16, 6, 2))  # a 4D cine beside it: its own case
+    cases = find_inputs(folder, tmp_path / "out")
+    assert [(c.case_id, c.image) for c in cases] == [("caseA", frames), ("p2", folder / "p2_4d.nii.gz")]
+    assert [(c.case_id, c.image) for c in find_inputs(frames, tmp_path / "out")] == [("caseA", frames)]
+    header = read_header(frames)
+    assert header.shape == (20, 16, 6, 10)
+    assert [Path(f).name for f in header.frame_files] == [f"caseA_frame{t}.nii.gz" for t in range(1, 11)]
+    (written,) = run_prediction(checkpoint, frames, tmp_path / "pred", device="cpu")
+    assert written.name == "caseA_seg.nii.gz" and nib.load(written).shape == (20, 16, 6, 10)
+    np.testing.assert_allclose(nib.load(written).affine, nib.load(frames / "caseA_frame1.nii.gz").affine)
+
+
+@pytest.mark.parametrize("layout,found", [
+    ("two_series", r"frames of 2 series \(a_frameNN: 3 files, b_frameNN: 3 files\)"),
+    ("labels", r"1 file\(s\) without a frame number \(case_frame01_gt.nii.gz\)"),
+    ("gap", r"frame numbers 1, 2, 4, 5 with a gap"),
+    ("twice", r"frame number\(s\) 2 twice"),
+    ("first_4d", r"case_frame01.nii.gz: is a 4D image of shape \(20, 16, 6, 3\)"),
+    ("grid", r"case_frame03.nii.gz: frame shape \(20, 16, 5\) differs"),
+])
+def test_a_folder_of_3d_files_that_is_not_one_cine_is_one_clear_error(checkpoint, tmp_path, layout, found):
+    folder = tmp_path / "frames"
+    names = {"two_series": [f"{s}_frame{t:02d}" for s in "ab" for t in (1, 2, 3)],
+             "gap": [f"case_frame{t:02d}" for t in (1, 2, 4, 5)],
+             "twice": ["case_frame01", "case_frame02", "case_frame2", "case_frame03"]}
+    for name in names.get(layout, [f"case_frame{t:02d}" for t in (1, 2, 3, 4)]):
+        write_cine(folder / f"{name}.nii.gz", shape=(20, 16, 6))
+    if layout == "labels":
+        write_cine(folder / "case_frame01_gt.nii.gz", shape=(20, 16, 6))
+    elif layout == "first_4d":
+        write_cine(folder / "case_frame01.nii.gz", shape=(20, 16, 6, 3))
+    elif layout == "grid":
+        write_cine(folder / "case_frame03.nii.gz", shape=(20, 16, 5))
+    for inputs in (folder, tmp_path):  # the folder itself, or a folder above it
+        with pytest.raises(DataError, match=found) as err:
+            run_prediction(checkpoint, inputs, tmp_path / "out", device="cpu")
+        assert str(folder) in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_refuses_to_write_over_inputs_or_references(checkpoint, tmp_path):

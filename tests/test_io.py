@@ -86,6 +86,24 @@ def test_folder_of_frames_equals_4d(case: dict, tmp_path: Path) -> None:
     assert m2.shape == meta.shape and m2.time_step is None
 
 
+@pytest.mark.parametrize("position", ["first", "later"])
+def test_a_4d_file_in_a_folder_of_frames_is_refused(case: dict, tmp_path: Path, position: str) -> None:
+    """A 4D file among the frames is an error naming it and its shape, never its frame 0 used as a frame."""
+    array, meta = load_cine(case["image"])
+    frames = np.moveaxis(array, 0, -1)  # (x, y, z, t)
+    folder = tmp_path / "frames"
+    for t in range(SHAPE[3]):
+        write_nifti(folder / f"frame{t + 1:02d}.nii.gz", frames[..., t], meta.affine)
+    four_d = "frame01.nii.gz" if position == "first" else "frame03.nii.gz"
+    write_nifti(folder / four_d, frames[..., :2], meta.affine, 37.5)
+    shape = rf"\({SHAPE[0]}, {SHAPE[1]}, {SHAPE[2]}, 2\)"
+    for read in (read_header, load_cine):
+        with pytest.raises(DataError, match=rf"{four_d}: is a 4D image of shape {shape}; .*one 3D frame") \
+                as err:
+            read(folder)
+        assert "\n" not in str(err.value)
+
+
 def test_load_label_dense_sparse_and_mapping(case: dict, tmp_path: Path) -> None:
     _, meta = load_cine(case["image"])
     dense, mask, _ = load_label(case["label"], like=meta, num_classes=4)

@@ -6,6 +6,8 @@ foreground sampling from every frame, sparse-label masking, temporal windows, an
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +163,48 @@ def test_persistent_cache_keeps_geometry(configs_dir: Path, case: dict, tmp_path
         torch.testing.assert_close(item["label"].as_tensor(), fresh["label"].as_tensor())
     back = invert_prediction(chain, cached["image"], cached["label"])
     np.testing.assert_allclose(back.affine.numpy(), oblique_affine(), atol=1e-4)
+
+
+class _RunsCode:
+    """A pickle that makes a folder when unpickled with ``weights_only=False``: code run from a cache file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.mark.parametrize("bad", ["runs_code", "corrupt", "foreign"])
+def test_disk_cache_runs_no_code_and_rebuilds_a_bad_file(configs_dir: Path, case: dict, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture, bad: str) -> None:
+    """Cache files hold plain tensors and values (they load with weights_only=True); a file that is not one
+    (a pickle that would run code, random bytes, another program's file) is rebuilt with a warning."""
+    pre = preprocessing_from_config(_config(configs_dir), (1.1, 0.9, 6.0))
+    chain = inference_transforms(pre)
+    fresh = chain(dict(case))
+    make_dataset([case], chain, "disk", tmp_path / "cache", pre, "test")
+    (cache_file,) = (tmp_path / "cache").rglob("*.pt")
+    payload = torch.load(cache_file, weights_only=True)  # torch's safe unpickler: tensors and plain values
+    assert payload["format"] == "trunet-cache"
+    marker = tmp_path / "code-ran"
+    if bad == "runs_code":
+        torch.save({"item": _RunsCode(marker)}, cache_file)
+    elif bad == "corrupt":
+        cache_file.write_bytes(os.urandom(300))
+    else:
+        torch.save({"weights": torch.zeros(3)}, cache_file)
+    with caplog.at_level(logging.WARNING, logger="trunet.data.cache"):
+        ds = make_dataset([case], chain, "disk", tmp_path / "cache", pre, "test")
+        item = ds[0]
+    assert not marker.exists()
+    assert f"{cache_file}: " in caplog.text and "rebuilding this cache file" in caplog.text
+    assert torch.load(cache_file, weights_only=True)["format"] == "trunet-cache"  # replaced by a good one
+    np.testing.assert_allclose(item["image"].affine.numpy(), fresh["image"].affine.numpy(), atol=1e-6)
+    torch.testing.assert_close(item["image"].as_tensor(), fresh["image"].as_tensor())
+    assert item["image"].meta["time_step"] == pytest.approx(37.5)
+    assert [op["class"] for op in item["image"].applied_operations] == \
+        [op["class"] for op in fresh["image"].applied_operations]
 
 
 def test_intensity_augmentation_keeps_shapes(configs_dir: Path, case: dict) -> None:

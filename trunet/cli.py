@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment every frame of cine scans with a trained checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/best.pt")
     p.add_argument("--input", type=Path, required=True,
-                   help="a 4D image file, a DICOM cine folder (or enhanced .dcm), a folder of them, or a datalist JSON")
+                   help="a 4D image file, a DICOM cine folder (or enhanced .dcm), a folder of one 3D file "
+                        "per frame (named with the frame number), a folder of any of these, or a datalist "
+                        "JSON")
     p.add_argument("--output", type=Path, required=True, help="output folder for <case>_seg.nii.gz")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: from the checkpoint)")
@@ -170,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="Dice/HD95, volumes, EF, mass and temporal consistency against references")
     p.add_argument("--pred", type=Path, required=True, help="folder of <case>_seg.nii.gz from predict")
-    p.add_argument("--ref", type=Path, required=True, help="reference labels: a folder, a datalist JSON or an ACDC root")
+    p.add_argument("--ref", type=Path, required=True,
+                   help="reference labels: what train --data takes (an ACDC root such as ACDC/training or "
+                        "its parent ACDC, a datalist JSON, a folder holding datalist.json) or a folder of "
+                        "<case>_gt.nii.gz")
     p.add_argument("--out", type=Path, required=True, help="report folder (CSV, JSON, PNG figures)")
     p.add_argument("--classes", nargs="+", default=None,
                    help="class names by label value (default: background RV MYO LV)")

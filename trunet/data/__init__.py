@@ -4,6 +4,8 @@
   header checks, the patient-level split and the median spacing; trunet's one ACDC discovery.
 - :mod:`trunet.data.datasets` -- MONAI datasets over case records with the caching policy; the transform
   chain is passed in (the chains live in :mod:`trunet.transforms`).
+- :mod:`trunet.data.cache` -- the disk cache's file format (plain tensors and values, read with
+  ``weights_only=True``) and the persistent dataset that uses it.
 - :mod:`trunet.data.phantom` -- the synthetic 4D cardiac cine phantom (the default data set);
   :mod:`trunet.data.artefacts` -- the frame corruptions it and the training augmentation share.
 

@@ -41,6 +41,8 @@ __all__ = [
     "read_acdc_root",
     "acdc_patient_folders",
     "is_acdc_root",
+    "is_case_source",
+    "read_case_source",
     "parse_info_cfg",
     "validate_cases",
     "resolve_cases",
@@ -190,8 +192,8 @@ def acdc_patient_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
     """The patient folders of an ACDC-layout root, by list: ``patientNNN/`` (with an ``Info.cfg``) directly
     under ``root`` or under ``training/`` are ``"training"``, under ``testing/`` are ``"test"``.
 
-    The one ACDC discovery of trunet: training (:func:`read_acdc_root`) and ``trunet evaluate`` (its
-    reference finder) both walk these folders.
+    The one ACDC discovery of trunet: training and ``trunet evaluate --ref`` both read an ACDC root
+    through :func:`read_acdc_root` (by way of :func:`read_case_source`), which walks these folders.
     """
     r = Path(root)
     found: dict[str, list[Path]] = {"training": _acdc_patients(r) if r.is_dir() else [], "test": []}
@@ -244,6 +246,34 @@ def read_acdc_root(root: str | os.PathLike) -> CaseLists:
 def is_acdc_root(root: str | os.PathLike) -> bool:
     """True when ``root`` holds ACDC patient folders (see :func:`acdc_patient_folders`)."""
     return any(any(v) for v in acdc_patient_folders(root).values())
+
+
+def is_case_source(root: str | os.PathLike) -> bool:
+    """True when ``root`` is what ``data.root`` (``trunet train --data``) takes: a datalist file, an
+    ACDC-layout root, or a folder holding ``datalist.json``."""
+    r = Path(root)
+    return r.is_file() or (r.is_dir() and (is_acdc_root(r) or (r / "datalist.json").is_file()))
+
+
+def read_case_source(root: str | os.PathLike, require_image: bool = True) -> CaseLists:
+    """Case records of a case source, as training reads ``data.root``: a datalist file
+    (:func:`read_datalist`), an ACDC-layout root (:func:`read_acdc_root`; also its parent, which holds it as
+    ``training/``), or a folder holding ``datalist.json``. ``trunet evaluate --ref`` reads the same sources
+    through this function, with ``require_image=False`` (label-only datalist items).
+
+    Raises:
+        DataError: a missing root, a folder that is none of these, or any error of the readers.
+    """
+    r = Path(root)
+    if r.is_file():
+        return read_datalist(r, require_image)
+    if not r.is_dir():
+        raise DataError(r, "data root not found")
+    if is_acdc_root(r):
+        return read_acdc_root(r)
+    if (r / "datalist.json").is_file():
+        return read_datalist(r / "datalist.json", require_image)
+    raise DataError(r, "neither an ACDC-layout root (patientNNN/Info.cfg) nor a folder with datalist.json")
 
 
 def _phantom_lists(config: DataConfig, work_dir: Path) -> CaseLists:
@@ -374,19 +404,7 @@ def resolve_cases(data_config: DataConfig, work_dir: Optional[str | os.PathLike]
             raise ValueError("the phantom is generated in the run folder: resolve_cases needs a work_dir")
         lists = _phantom_lists(data_config, work)
     else:
-        r = Path(root)
-        if r.is_file():
-            lists = read_datalist(r)
-        elif r.is_dir():
-            if is_acdc_root(r):
-                lists = read_acdc_root(r)
-            elif (r / "datalist.json").is_file():
-                lists = read_datalist(r / "datalist.json")
-            else:
-                raise DataError(r, "neither an ACDC-layout root (patientNNN/Info.cfg) nor a folder with "
-                                   "datalist.json")
-        else:
-            raise DataError(r, "data root not found")
+        lists = read_case_source(root)
     validate_cases(lists, data_config)
     if not lists.validation and lists.training:
         lists.training, lists.validation = split_cases(

@@ -10,9 +10,10 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional
 
-from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
+from monai.data import CacheDataset, Dataset, MetaTensor
 from monai.transforms import Compose, Randomizable
 
+from trunet.data.cache import SafePersistentDataset
 from trunet.errors import TrunetError
 from trunet.progress import is_terminal
 
@@ -53,7 +54,7 @@ class _CacheDataset(_Unwrapping, CacheDataset):
     pass
 
 
-class _PersistentDataset(_Unwrapping, PersistentDataset):
+class _PersistentDataset(_Unwrapping, SafePersistentDataset):
     pass
 
 
@@ -62,8 +63,9 @@ def make_dataset(cases: list[dict], transform, cache: str, cache_dir: Optional[s
     """A dataset over ``cases`` whose deterministic transforms are cached per ``cache``.
 
     Every case's deterministic part runs once here, in this process (``memory``: cached; ``disk``: the
-    persistent cache is filled or read; ``none``: computed and dropped), so a bad input raises its
-    DataError now rather than inside a DataLoader worker.
+    persistent cache under ``cache_dir`` is filled or read, in the safe format of :mod:`trunet.data.cache`;
+    ``none``: computed and dropped), so a bad input raises its DataError now rather than inside a
+    DataLoader worker.
     """
     with unwrap_data_errors():
         if cache == "memory":
@@ -74,10 +76,9 @@ def make_dataset(cases: list[dict], transform, cache: str, cache_dir: Optional[s
                 raise ValueError("data.cache = disk needs a cache_dir")
             key = json.dumps({"pre": preprocessing, "tag": tag}, sort_keys=True)
             digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-            # track_meta=True keeps the affine on cached reads (with False it is lost); that needs
-            # weights_only=False to unpickle MetaTensors. The cache is our own, written by this process.
-            ds = _PersistentDataset(cases, transform, cache_dir=Path(cache_dir) / f"{tag}-{digest}",
-                                    track_meta=True, weights_only=False)
+            # trunet's cache files keep the MetaTensors' geometry and are read with weights_only=True
+            # (trunet.data.cache): a file someone else put in the cache folder runs no code
+            ds = _PersistentDataset(cases, transform, cache_dir=Path(cache_dir) / f"{tag}-{digest}")
             for case in cases:
                 item = ds._cachecheck(case)  # fill (or read) the cache now; MONAI has no public warm-up
                 image = item["image"] if isinstance(item, dict) else None

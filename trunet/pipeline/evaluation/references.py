@@ -1,20 +1,19 @@
-"""Where the references of ``trunet evaluate`` live (a label folder, a datalist, an ACDC root) and how
-predictions and references are read and checked against each other's grid."""
+"""Where the references of ``trunet evaluate`` live (what training takes: a datalist, an ACDC root; or a
+folder of label files) and how predictions and references are read and checked against each other's grid."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from trunet.data.cases import acdc_patient_folders, is_acdc_root, parse_info_cfg, read_datalist
+from trunet.data.cases import is_acdc_root, is_case_source, read_case_source
 from trunet.errors import DataError
-from trunet.io import CineMeta, load_cine, load_label, strip_image_suffix
+from trunet.io import CineMeta, is_image_path, load_cine, load_label, strip_image_suffix
 
 __all__ = ["ReferenceCase", "find_references", "load_prediction", "load_reference", "read_image_frames"]
 
@@ -60,71 +59,55 @@ def _label_folder_references(folder: Path) -> dict[str, ReferenceCase]:
     return {cid: ReferenceCase(case_id=cid, label=p) for cid, (_, p) in found.items()}
 
 
-def _acdc_references(root: Path) -> dict[str, ReferenceCase]:
-    refs: dict[str, ReferenceCase] = {}
-    folders = acdc_patient_folders(root)  # the one ACDC discovery: root, training/ and testing/
-    for case_dir in folders["training"] + folders["test"]:
-        cid = case_dir.name
-        info = parse_info_cfg(case_dir / "Info.cfg")
-        ed, es = info["ED"] - 1, info["ES"] - 1
-        dense = case_dir / f"{cid}_4d_gt.nii.gz"
-        label: str | dict[int, str]
-        if dense.is_file():
-            label = str(dense)
-        else:
-            label = {}
-            for gt in sorted(case_dir.glob(f"{cid}_frame*_gt.nii*")):
-                match = re.fullmatch(rf"{re.escape(cid)}_frame(\d+)_gt\.nii(\.gz)?", gt.name)
-                if match:
-                    label[int(match.group(1)) - 1] = str(gt)
-            if not label:
-                logger.warning("%s: no reference labels (%s_4d_gt / _frameFF_gt), skipped", case_dir, cid)
-                continue
-        if cid in refs:
-            logger.warning("%s: case %s found twice in the ACDC root; the first is used", case_dir, cid)
-            continue
-        image = case_dir / f"{cid}_4d.nii.gz"
-        refs[cid] = ReferenceCase(cid, label, str(image) if image.is_file() else None, ed, es)
-    return refs
+def _case_source_references(ref: Path) -> dict[str, ReferenceCase]:
+    """The cases with a label of a case source, read as training reads it (:func:`read_case_source`).
 
-
-def _datalist_references(path: Path) -> dict[str, ReferenceCase]:
-    """Cases of every list of a datalist (parsed by :func:`read_datalist`) that have a label."""
+    An ACDC patient's sparse ED/ES labels give way to its dense ``patientNNN_4d_gt.nii.gz`` where one lies
+    beside the image (the phantom writes both): every frame is then scored.
+    """
+    acdc = ref.is_dir() and is_acdc_root(ref)
     refs: dict[str, ReferenceCase] = {}
-    for record in read_datalist(path, require_image=False).all():
-        cid = record["case_id"]
-        if record["label"] is None:
-            logger.info("%s: case %s has no label in the datalist", path, cid)
+    for record in read_case_source(ref, require_image=False).all():
+        cid, label, image = record["case_id"], record["label"], record["image"]
+        frames = record["frames"]
+        if acdc:
+            dense = Path(image).with_name(f"{cid}_4d_gt.nii.gz")
+            if dense.is_file():
+                label, frames = str(dense), None
+            image = image if Path(image).is_file() else None
+        if label is None:
+            logger.warning("%s: case %s has no reference label, skipped", ref, cid)
             continue
         if cid in refs:
-            logger.warning("%s: case %s listed twice; the first entry is used", path, cid)
+            logger.warning("%s: case %s found twice; the first is used", ref, cid)
             continue
-        refs[cid] = ReferenceCase(cid, record["label"], record["image"], record["ed"], record["es"], record["frames"])
+        refs[cid] = ReferenceCase(cid, label, image, record["ed"], record["es"], frames)
     return refs
 
 
 def find_references(ref: str | os.PathLike) -> dict[str, ReferenceCase]:
-    """References by case id from a datalist JSON, an ACDC-layout root or a folder of 4D label files.
+    """References by case id from what ``trunet train --data`` takes, or from a folder of 4D label files.
 
-    The ACDC root is found as training finds it (:func:`trunet.data.cases.acdc_patient_folders`):
-    ``patientNNN/`` directly under the root or under ``training/`` and ``testing/``.
+    What training takes is read as training reads it (:func:`trunet.data.cases.read_case_source`): a
+    datalist file, an ACDC-layout root (``patientNNN/Info.cfg`` directly under it or under ``training/``
+    and ``testing/``, so both ``ACDC/training`` and ``ACDC`` work; ED/ES from ``Info.cfg``, labels the
+    ``patientNNN_frameFF_gt.nii.gz`` at ED and ES, or the dense ``patientNNN_4d_gt.nii.gz`` when present),
+    or a folder holding ``datalist.json``. Any other folder is a label folder: it holds
+    ``<case_id>_4d_gt.nii.gz``, ``<case_id>_gt.nii.gz`` or ``<case_id>_seg.nii.gz`` (preferred in that
+    order).
 
-    A label folder holds ``<case_id>_4d_gt.nii.gz``, ``<case_id>_gt.nii.gz`` or ``<case_id>_seg.nii.gz``
-    (preferred in that order). An ACDC root holds ``patientNNN/Info.cfg`` (ED/ES, 1-based) with the dense
-    ``patientNNN_4d_gt.nii.gz`` when present, else the sparse ``patientNNN_frameFF_gt.nii.gz``.
+    Raises:
+        DataError: a missing reference, an image file, or any error of the case-source readers (an invalid
+            datalist, a bad ``Info.cfg``).
     """
     ref = Path(ref)
-    if ref.is_file():
-        if ref.suffix.lower() != ".json":
-            raise DataError(ref, "the reference must be a folder, a datalist .json or an ACDC root")
-        return _datalist_references(ref)
-    if not ref.is_dir():
+    if not ref.exists():
         raise DataError(ref, "reference not found")
-    if is_acdc_root(ref):
-        return _acdc_references(ref)
+    if ref.is_file() and is_image_path(ref):
+        raise DataError(ref, "is an image; --ref takes a datalist, an ACDC root or a folder of label files")
+    if is_case_source(ref):
+        return _case_source_references(ref)
     return _label_folder_references(ref)
-
-
 
 
 def load_prediction(path: Path, num_classes: int) -> tuple[np.ndarray, CineMeta]:

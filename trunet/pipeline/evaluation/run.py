@@ -47,7 +47,8 @@ def run_evaluation(
 
     Args:
         pred: folder of 4D ``(x, y, z, t)`` uint8 predictions.
-        ref: a folder of 4D label files, a datalist JSON or an ACDC-layout root (see :func:`find_references`).
+        ref: what training takes (a datalist, an ACDC-layout root, a folder holding ``datalist.json``) or a
+            folder of 4D label files (see :func:`find_references`).
         out_dir: report folder (created): ``per_case.csv``, ``per_frame.csv``, ``summary.json``, ``figures/``,
             written in a temporary folder that takes its place at the end (a failure leaves no partial
             report).

@@ -21,6 +21,7 @@ from trunet.errors import CheckpointError, ConfigError, DataError, TrunetError
 from trunet.io import case_id_from_path, is_image_path, read_header, save_cine_like, strip_image_suffix
 from trunet.io.dicom import DICOM_SUFFIXES, dicom_cine_folders, is_dicom_folder, scan_dicom_cine
 from trunet.io.dicom_seg import write_dicom_seg
+from trunet.io.frames import check_frame_series
 from trunet.pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from trunet.pipeline.inference.postprocess import keep_largest_components, probabilities_to_labels
 from trunet.pipeline.inference.predictor import Predictor, resolve_device
@@ -34,8 +35,10 @@ OUTPUT_FORMATS = ("nifti", "dicom-seg")
 logger = logging.getLogger(__name__)
 
 
-_SKIP_NAME = re.compile(r"(_gt|_seg|_prob(_.*)?|_frame\d+)$", re.IGNORECASE)
-"""Names (without suffixes) a folder search never takes as input: labels, predictions, per-frame files."""
+_LABEL_NAME = re.compile(r"(_gt|_seg|_prob(_.*)?)$", re.IGNORECASE)
+"""Names (without suffixes) a folder search never takes as input: labels and predictions."""
+_FRAME_NAME = re.compile(r"_frame\d+$", re.IGNORECASE)
+"""ACDC's per-frame files (``patient001_frame01``): frames, never a cine of their own."""
 
 
 @dataclass(frozen=True)
@@ -54,28 +57,44 @@ def _datalist_cases(path: Path) -> list[InputCase]:
 
 
 def _folder_cases(folder: Path, output_dir: Path, allow_3d: bool) -> list[InputCase]:
-    cases, skipped_3d = [], 0
+    """The cases of a folder, searched recursively, one folder at a time (see :func:`find_inputs`)."""
     out = output_dir.resolve()
     # DICOM: one case per folder holding one study's images (the folder itself, or its subfolders)
-    cases += [InputCase(cine.name, cine) for cine in dicom_cine_folders(folder, exclude=out)]
+    dicom = [InputCase(cine.name, cine) for cine in dicom_cine_folders(folder, exclude=out)]
+    by_folder: dict[Path, list[Path]] = {}
     for path in sorted(folder.rglob("*"), key=lambda p: str(p)):
         if not path.is_file() or not is_image_path(path) or path.name.startswith("."):
             continue
-        if _SKIP_NAME.search(strip_image_suffix(path.name)) or out in path.resolve().parents:
+        if _LABEL_NAME.search(strip_image_suffix(path.name)) or out in path.resolve().parents:
             continue
-        if not allow_3d and read_header(path).ndim == 3:
-            skipped_3d += 1
-            continue
-        cases.append(InputCase(case_id_from_path(path), path))
-    if not cases:
-        detail = f" ({skipped_3d} 3D files skipped: a cine is (x, y, z, t))" if skipped_3d else ""
+        by_folder.setdefault(path.parent, []).append(path)
+    cases, skipped_3d = [], 0
+    for parent, files in by_folder.items():
+        cines, frames = [], []
+        for path in files:
+            if _FRAME_NAME.search(strip_image_suffix(path.name)):
+                frames.append(path)
+            elif read_header(path).ndim == 3 and not allow_3d:
+                frames.append(path)
+            else:
+                cines.append(InputCase(case_id_from_path(path), path))
+        if not cines and len(frames) > 1:  # a folder of one 3D file per frame: one case
+            check_frame_series(parent)
+            read_header(parent)  # every frame 3D, one grid
+            cines.append(InputCase(case_id_from_path(parent), parent))
+        else:
+            skipped_3d += len(frames)
+        cases += cines
+    if not cases and not dicom:
+        detail = f" ({skipped_3d} lone 3D files skipped: a cine is (x, y, z, t))" if skipped_3d else ""
         raise DataError(
-            folder, "no input images found (DICOM series, or 4D .nii.gz, .nii, .mha, .mhd or .nrrd not named "
-            f"*_gt, *_seg, *_prob* or *_frameNN){detail}"
+            folder, "no input images found (DICOM series, 4D .nii.gz, .nii, .mha, .mhd or .nrrd not named "
+            f"*_gt, *_seg or *_prob*, or a folder of per-frame 3D files){detail}"
         )
     if skipped_3d:
-        logger.info("%s: skipped %d 3D files (per-frame images are not cines)", folder, skipped_3d)
-    return cases
+        logger.info("%s: skipped %d 3D files beside a 4D cine or alone in their folder (a cine is (x, y, z, "
+                    "t))", folder, skipped_3d)
+    return dicom + sorted(cases, key=lambda c: str(c.image))
 
 
 def find_inputs(inputs: Union[str, os.PathLike], output_dir: Union[str, os.PathLike], allow_3d: bool = False) -> list[InputCase]:
@@ -83,19 +102,27 @@ def find_inputs(inputs: Union[str, os.PathLike], output_dir: Union[str, os.PathL
 
     Args:
         inputs: one image file (4D; a 3D file only with ``allow_3d``); a folder, searched recursively for
-            image files (``.nii.gz``, ``.nii``, ``.mha``, ``.mhd``, ``.nrrd``, ``.nhdr``) except hidden files,
-            labels and earlier outputs (names ending ``_gt``, ``_seg``, ``_prob...``), ACDC per-frame files
-            (``_frameNN``), 3D images (unless ``allow_3d``) and anything under ``output_dir``; or a datalist
-            JSON: its ``test`` list, or every list when that is empty or missing (items are
-            ``{"image": ..., "case_id": ...}`` or bare paths, relative to the JSON's folder).
+            DICOM cines and image files (``.nii.gz``, ``.nii``, ``.mha``, ``.mhd``, ``.nrrd``, ``.nhdr``)
+            except hidden files, labels and earlier outputs (names ending ``_gt``, ``_seg``, ``_prob...``)
+            and anything under ``output_dir``; each 4D file is a case (each 3D file too with ``allow_3d``).
+            The 3D files of a folder that holds no 4D file, two or more of them (ACDC's ``_frameNN`` files
+            count as 3D), are one case: a cine of one 3D file per frame, frames in frame-number order, the
+            folder's name its id; the file names must say so
+            (:func:`~trunet.io.frames.check_frame_series`). Beside a 4D file, or alone in a folder, 3D
+            files are skipped. Or a datalist JSON: its ``test`` list, or every list when that is empty or
+            missing (items are ``{"image": ..., "case_id": ...}`` or bare paths, relative to the JSON's
+            folder).
         output_dir: where predictions go (excluded from a folder search).
 
     Returns:
-        Cases with ids: a datalist's ``case_id``, else the file name without suffixes and a trailing ``_4d``.
+        Cases with ids: a datalist's ``case_id``, else the file name without suffixes and a trailing ``_4d``
+        (a per-frame folder's name).
 
     Raises:
         DataError: the input does not exist, is the output folder, holds no images, or two inputs share a case
-            id.
+            id; a folder of 3D files that is not one series of frames (files without a frame number,
+            several series, a number twice or a gap; a 4D file or another grid among the frames), naming
+            the folder and what it holds.
     """
     path = Path(inputs)
     if not path.exists():
@@ -264,8 +291,8 @@ def run_prediction(
 
     Args:
         checkpoint: a ``.pt`` written by training (``RUN/checkpoints/best.pt``).
-        inputs: a 4D image file, a DICOM cine folder, a folder of them or a datalist JSON (see
-            :func:`find_inputs`).
+        inputs: a 4D image file, a DICOM cine folder, a folder of per-frame 3D files, a folder of them or a
+            datalist JSON (see :func:`find_inputs`).
         output_dir: created if missing. For each case ``<case_id>_seg.nii.gz``: uint8 labels ``(x, y, z, t)``
             on the scan's exact grid (shape, affine, header, time step). With ``save_probabilities`` also
             ``<case_id>_prob_<k>_<class>.nii.gz`` per class ``k``: float32 softmax probabilities
