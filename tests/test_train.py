@@ -78,6 +78,33 @@ def test_loss_matches_monai_on_dense_labels():
     assert torch.allclose(ours, ref, atol=1e-6)
 
 
+def test_per_frame_dice_weighs_a_small_frame_as_much_as_a_large_one():
+    """train.dice: frame is the mean of one Dice per labelled frame (MONAI's DiceLoss per sample), so
+    errors on a frame with a small structure cost more than in the pooled batch Dice."""
+    from monai.losses import DiceLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 4, 6, 5, 2)
+    label = torch.randint(0, 4, (1, 3, 6, 5, 2))
+    mask = torch.tensor([[True, False, True]])
+    ours = T.MaskedDiceCELoss(4, ce_weight=0.0, per_frame=True)(logits, label, mask)
+    x, y = logits[0, [0, 2]], label[0, [0, 2]]
+    ref = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=False)(x, y.unsqueeze(1))
+    assert torch.allclose(ours, ref, atol=1e-6)
+    # frame 0 has a large LV, frame 1 a small one that the prediction overshoots
+    label = torch.zeros(1, 2, 8, 8, 1, dtype=torch.long)
+    label[0, 0, :6, :6] = 3
+    label[0, 1, :2, :2] = 3
+    logits = torch.full((1, 2, 4, 8, 8, 1), -5.0)
+    logits[:, :, 0] = 5.0
+    logits[0, 0, 3, :6, :6] = 10.0
+    logits[0, 1, 3, :4, :4] = 10.0  # 16 voxels predicted for 4
+    both = torch.ones(1, 2, dtype=torch.bool)
+    pooled = T.MaskedDiceCELoss(4, ce_weight=0.0)(logits, label, both)
+    per_frame = T.MaskedDiceCELoss(4, ce_weight=0.0, per_frame=True)(logits, label, both)
+    assert per_frame > pooled
+
+
 def test_unlabelled_frames_get_no_gradient():
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 4, 6, 6, 2, requires_grad=True)

@@ -148,6 +148,10 @@ class TrainConfig:
         optimizer: ``sgd`` (Nesterov, momentum 0.99 as nnU-Net) or ``adamw``.
         warmup_epochs / poly_power: linear warm-up, then poly decay ``(1 - e/E) ** power``.
         grad_clip: max gradient norm (``0`` = off).
+        dice / dice_weight / ce_weight: the soft Dice + cross-entropy loss. ``dice: batch`` is nnU-Net's
+            batch Dice, one Dice per class over all labelled frames of a batch pooled; ``dice: frame`` is one
+            Dice per class and labelled frame, averaged, so that a small end-systolic cavity counts as much
+            as a large end-diastolic one (pooled, the ED voxels outweigh the ES errors).
         amp: autocast (bf16 where the device supports it, else fp16 + GradScaler).
         val_every: validate every N epochs on whole validation cases (sliding window).
         deterministic: deterministic algorithms and seeded workers (exact resume on CPU).
@@ -172,6 +176,7 @@ class TrainConfig:
     poly_power: float = 0.9
     grad_clip: float = 12.0
     amp: bool = True
+    dice: Literal["batch", "frame"] = "batch"
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     val_every: int = 5
@@ -356,6 +361,8 @@ def _check_values(config: Config, source: str) -> None:
     if not 0.0 <= a.corrupt_strength[0] <= a.corrupt_strength[1] <= 1.0:
         raise ConfigError(f"{source}: 'train.augment.corrupt_strength' must be (lo, hi) with "
                           f"0 <= lo <= hi <= 1, got {list(a.corrupt_strength)}")
+    if t.dice not in ("batch", "frame"):
+        raise ConfigError(f"{source}: 'train.dice' must be 'batch' or 'frame', got {t.dice!r}")
     if t.consistency_weight < 0:
         raise ConfigError(f"{source}: 'train.consistency_weight' must be >= 0, got {t.consistency_weight}")
     if t.consistency_weight > 0 and a.corrupt_prob == 0:

@@ -30,13 +30,15 @@ class MaskedDiceCELoss(nn.Module):
     background. So the frames are selected here first (``frame_mask``): unlabelled frames take no part in
     the loss, and their logits get exactly zero gradient (see the sparse-label test). Within labelled
     frames, any stray ``ignore_index`` voxel is left out of both terms: CE through ``ignore_index``, Dice
-    through MONAI's :class:`~monai.losses.MaskedDiceLoss` with a voxel mask. The Dice is nnU-Net's: batch
-    Dice over all selected frames, foreground classes only. Computed in float32 whatever the autocast.
+    through MONAI's :class:`~monai.losses.MaskedDiceLoss` with a voxel mask. Foreground classes only;
+    computed in float32 whatever the autocast.
 
     Args:
         num_classes: ``K``.
         ignore_index: label value of unlabelled voxels (255).
         dice_weight / ce_weight: weights of the two terms.
+        per_frame: one Dice per class and labelled frame, averaged (``train.dice: frame``); default
+            nnU-Net's batch Dice, one per class over all selected frames pooled.
 
     Shapes:
         logits ``(B, T, K, X, Y, Z)``, label ``(B, T, X, Y, Z)`` integer, frame_mask ``(B, T)`` bool ->
@@ -44,7 +46,8 @@ class MaskedDiceCELoss(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int, ignore_index: int = 255, dice_weight: float = 1.0, ce_weight: float = 1.0
+        self, num_classes: int, ignore_index: int = 255, dice_weight: float = 1.0, ce_weight: float = 1.0,
+        per_frame: bool = False,
     ):
         super().__init__()
         self.num_classes = int(num_classes)
@@ -52,7 +55,7 @@ class MaskedDiceCELoss(nn.Module):
         self.dice_weight = float(dice_weight)
         self.ce_weight = float(ce_weight)
         # target one-hot is built here (not with to_onehot_y) so masked voxels are 0 in every channel
-        self.dice = MaskedDiceLoss(include_background=False, softmax=True, batch=True, smooth_nr=1e-5,
+        self.dice = MaskedDiceLoss(include_background=False, softmax=True, batch=not per_frame, smooth_nr=1e-5,
                                    smooth_dr=1e-5)
 
     def forward(self, logits: Tensor, label: Tensor, frame_mask: Tensor) -> Tensor:
@@ -137,5 +140,6 @@ def build_criterion(config: Config) -> nn.Module:
     :class:`DeepSupervisionLoss` when ``model.deep_supervision`` (the model then returns several
     resolutions)."""
     t = config.train
-    loss = MaskedDiceCELoss(len(config.data.classes), config.data.ignore_index, t.dice_weight, t.ce_weight)
+    loss = MaskedDiceCELoss(len(config.data.classes), config.data.ignore_index, t.dice_weight, t.ce_weight,
+                            per_frame=t.dice == "frame")
     return DeepSupervisionLoss(loss) if config.model.deep_supervision else loss
