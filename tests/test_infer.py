@@ -625,3 +625,23 @@ def test_cli_predict_tta_flags(monkeypatch, tmp_path, flags, expected):
     monkeypatch.setattr(infer, "run_prediction", lambda **kwargs: seen.update(kwargs) or [])
     assert main(["predict", "--checkpoint", "c.pt", "--input", "i", "--output", str(tmp_path), *flags]) == 0
     assert seen["tta"] is expected  # None: the checkpoint's infer.tta decides
+
+
+def test_tta_on_a_model_trained_without_mirroring_warns(checkpoint, tmp_path, caplog):
+    """The checkpoint's train.augment.flip_prob is 0 (the default): mirroring TTA warns, plain inference not."""
+    image = write_cine(tmp_path / "in" / "case_4d.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="trunet.pipeline.inference"):
+        run_prediction(checkpoint, image, tmp_path / "plain", device="cpu", tta=False)
+        assert "mirroring TTA" not in caplog.text
+        run_prediction(checkpoint, image, tmp_path / "tta", device="cpu", tta=True)
+    assert "trained without mirroring (train.augment.flip_prob 0)" in caplog.text
+    caplog.clear()
+    config = config_from_dict({"model": {"channels": [4, 8], "strides": [[2, 2, 1]]},
+                               "train": {"patch_size": [32, 32, 4], "time_window": 2, "augment": {"flip_prob": 0.5}}})
+    torch.manual_seed(0)
+    model = model_from_hparams(model_hparams(config))
+    flipped = save_checkpoint(tmp_path / "flipped.pt", inference_payload(model, config,
+                                                                         preprocessing_from_config(config, (6.0, 6.0, 6.6))))
+    with caplog.at_level(logging.WARNING, logger="trunet.pipeline.inference"):
+        run_prediction(flipped, image, tmp_path / "tta-flipped", device="cpu", tta=True)
+    assert "mirroring TTA" not in caplog.text

@@ -269,6 +269,17 @@ def _predict_one(
     return written
 
 
+def _warn_unseen_mirroring(payload: dict, config: Any, ckpt: Path) -> None:
+    """Warn when mirroring TTA meets a model trained without mirroring: a mirrored heart (RV on the other
+    side) is an input such a model never saw, and averaging over it can cost accuracy (BENCHMARKS.md,
+    "TTA")."""
+    flip = payload.get("config", {}).get("train", {}).get("augment", {}).get("flip_prob")
+    if config.tta and flip is not None and float(flip) == 0.0:
+        logger.warning("%s: mirroring TTA on a model trained without mirroring (train.augment.flip_prob 0): "
+                       "the mirrored scans are inputs it never saw; predict with --no-tta, or train with "
+                       "train.augment.flip_prob > 0", ckpt)
+
+
 def run_prediction(
     checkpoint: Union[str, os.PathLike],
     inputs: Union[str, os.PathLike],
@@ -321,6 +332,7 @@ def run_prediction(
     preprocessing = _check_checkpoint(payload, ckpt)
     config = _infer_config(payload, ckpt, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, postprocess=postprocess,
                            cpu_bf16=cpu_bf16)
+    _warn_unseen_mirroring(payload, config, ckpt)
     allow_3d = bool(preprocessing.get("allow_3d", False))
     out_dir = Path(output_dir)
     cases = find_inputs(inputs, out_dir, allow_3d=allow_3d)
