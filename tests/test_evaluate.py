@@ -479,3 +479,18 @@ def test_datalist_frame_map_and_labelled_frames(tmp_path):
     assert (rows["caseA"]["ed_ref"], rows["caseA"]["es_ref"]) == ("0", "4")
     assert float(rows["caseB"]["LV_EF_ref"]) == pytest.approx(60.0)
     assert summary["missing_references"] == []
+
+
+def test_the_acdc_download_layout_with_a_database_folder_is_found(tmp_path):
+    """The challenge's archive unpacks as ``ACDC/database/training/patientNNN``: training and evaluation
+    find its cases from ``ACDC`` as from ``ACDC/database``."""
+    from trunet.config import DataConfig
+    from trunet.data.cases import resolve_cases
+
+    acdc = _official_acdc(tmp_path)
+    (acdc / "database").mkdir()
+    (acdc / "training").rename(acdc / "database" / "training")
+    for root in (acdc, acdc / "database"):
+        cases = resolve_cases(DataConfig(root=str(root), val_fraction=0.0), None)
+        assert sorted(c["case_id"] for c in cases.all()) == ["patient001", "patient002"]
+        assert sorted(find_references(root)) == ["patient001", "patient002"]

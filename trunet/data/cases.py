@@ -190,17 +190,20 @@ def _acdc_patients(folder: Path) -> list[Path]:
 
 def acdc_patient_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
     """The patient folders of an ACDC-layout root, by list: ``patientNNN/`` (with an ``Info.cfg``) directly
-    under ``root`` or under ``training/`` are ``"training"``, under ``testing/`` are ``"test"``.
+    under ``root`` or under ``training/`` are ``"training"``, under ``testing/`` are ``"test"``;
+    ``training/`` and ``testing/`` may also sit in ``database/`` (the layout of the challenge's download).
 
     The one ACDC discovery of trunet: training and ``trunet evaluate --ref`` both read an ACDC root
     through :func:`read_acdc_root` (by way of :func:`read_case_source`), which walks these folders.
     """
     r = Path(root)
     found: dict[str, list[Path]] = {"training": _acdc_patients(r) if r.is_dir() else [], "test": []}
-    if (r / "training").is_dir():
-        found["training"] += _acdc_patients(r / "training")
-    if (r / "testing").is_dir():
-        found["test"] = _acdc_patients(r / "testing")
+    # the challenge's download unpacks as ACDC/database/{training,testing}/ (older copies: ACDC/training/)
+    for base in (r, r / "database"):
+        if (base / "training").is_dir():
+            found["training"] += _acdc_patients(base / "training")
+        if (base / "testing").is_dir():
+            found["test"] += _acdc_patients(base / "testing")
     return found
 
 
