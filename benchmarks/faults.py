@@ -277,6 +277,7 @@ class Bench:
         self.reference_seconds = 0.0
         self.save_times: list[float] = []
         self.checkpoint_bytes = 0
+        self.cases = ""
 
     # -- set-up ----------------------------------------------------------------------------------
     def phantom(self) -> Path:
@@ -325,6 +326,8 @@ class Bench:
         best = load_checkpoint(checkpoints / "best.pt")
         self.reference_best = (best["epoch"], best["model_state"])
         self.reference_rows = metrics(folder / "run")
+        self.cases = next((line.split(": ", 1)[1].split(",")[0] for line in result.text.splitlines()
+                           if line.startswith("training on ")), "?")
         if self.timeout_arg is None:
             self.timeout = max(120.0, 10 * result.seconds)
 
@@ -358,8 +361,10 @@ class Bench:
         fault.weights_equal = same_weights(payload["model_state"], self.reference)
         if not fault.weights_equal:
             fault.problems.append("final weights differ from the uninterrupted run's")
-        best_path = run_dir / "checkpoints" / "best.pt"
-        best = load_checkpoint(best_path) if best_path.is_file() else None
+        try:
+            best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+        except CheckpointError:
+            best = None  # missing (a corrupt one is counted by census)
         epoch, weights = self.reference_best
         if best is None or best["epoch"] != epoch or not same_weights(best["model_state"], weights):
             fault.problems.append("best.pt " + ("is missing" if best is None else f"holds epoch {best['epoch']}")
@@ -381,7 +386,7 @@ class Bench:
             self.finished(fault, run_dir)
         how = self.resumed(result)
         if "temporary file(s) left" in result.text:
-            how += " (removed the killed save's temporary file)"
+            how += " (removed a killed write's temporary file)"
         if result.rc == 0:
             fault.notes.append(f"rerun {how}, exit 0 in {result.seconds:.1f} s")
         return result
@@ -721,8 +726,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"machine: {machine()}  ")
     print(f"date: {date}; wall time {time.monotonic() - started:.0f} s  ")
     print(f"run: `python -m trunet train --config configs/tiny.yaml --data PHANTOM/datalist.json --run-dir RUN "
-          f"--resume auto {' '.join(bench.overrides)}` (4 phantom cases, 2 training / 2 validation; one CPU "
-          f"thread); uninterrupted: {bench.reference_seconds:.1f} s, {len(bench.save_times)} checkpoint saves "
+          f"--resume auto {' '.join(bench.overrides)}` (4 phantom cases: {bench.cases}; one CPU thread); "
+          f"uninterrupted: {bench.reference_seconds:.1f} s, {len(bench.save_times)} checkpoint saves "
           f"seen, latest.pt {bench.checkpoint_bytes / 1e6:.2f} MB; hang timeout {bench.timeout:.0f} s")
     print()
     print("| faults tried | recovered | clean errors | defects | checkpoints corrupt | final weights equal to an "
