@@ -10,8 +10,8 @@ phantom, deterministic mode, W&B disabled, one CPU thread); afterwards the *same
   no traceback, and no damage;
 * **defect**: a traceback, a hang past the timeout, an undocumented exit code, more or less than one message
   line, a checkpoint that does not load, a temporary file left after a finished rerun, a stop slower than
-  Docker's 10 s grace period, or a silent bad result (a finished run whose epoch, metrics.csv or weights
-  differ from the uninterrupted run's, a corrupted checkpoint used without complaint).
+  Docker's 10 s grace period, or a silent bad result (a finished run whose epoch, weights, best.pt or
+  metrics.csv differ from the uninterrupted run's, a corrupted checkpoint used without complaint).
 
 Faults (the default set; ``--quick``: one kill -9 during a save and one SIGTERM during the training steps):
 
