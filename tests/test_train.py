@@ -20,7 +20,9 @@ import torch.nn.functional as F
 
 from trunet.cli import main
 from trunet.errors import TrunetError
+from trunet.pipeline import checkpoint as ckpt
 from trunet.pipeline import training as T
+from trunet.pipeline.training import trainer as trainer_module
 from trunet.pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from trunet.pipeline.precision import autocast_dtype
 from trunet.config import load_config
@@ -234,6 +236,54 @@ def test_resume_equals_uninterrupted(tmp_path, phantom, monkeypatch, stop):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_kill_between_the_last_epochs_writes_loses_no_result(tmp_path, phantom, monkeypatch):
+    """The end of an epoch writes best.pt, metrics.csv and latest.pt. A job killed just before best.pt or
+    metrics.csv in the last epoch, then run again, ends with the uninterrupted run's best.pt and metrics.csv:
+    latest.pt is written last, so a rerun never finds the run finished with them missing."""
+    overrides = ["train.epochs=2", "train.deterministic=true", "data.val_fraction=0.5"]
+    straight = _train(tmp_path / "straight", phantom, *overrides)
+    best = load_checkpoint(straight / "checkpoints" / "best.pt")
+    assert best["epoch"] == 2  # the last epoch is the best: a lost best.pt would show
+
+    class Killed(Exception):
+        pass
+
+    armed, target = [False], [""]
+    end_epoch, save_checkpoint = T.Trainer._end_epoch, ckpt.save_checkpoint
+    write_text = trainer_module.write_text
+
+    def last_end_epoch(self, seconds):
+        armed[0] = self.epoch + 1 == self.t.epochs
+        return end_epoch(self, seconds)
+
+    def dies_before(write):
+        def wrapped(path, *args):
+            if armed[0] and Path(path).name == target[0]:
+                raise Killed(path)
+            return write(path, *args)
+        return wrapped
+
+    def timeless(rows):
+        return [{k: v for k, v in r.items() if k not in ("samples_per_s", "epoch_seconds")} for r in rows]
+
+    for name in ("best.pt", "metrics.csv"):
+        run = tmp_path / name
+        target[0] = name
+        monkeypatch.setattr(T.Trainer, "_end_epoch", last_end_epoch)
+        monkeypatch.setattr(ckpt, "save_checkpoint", dies_before(save_checkpoint))
+        monkeypatch.setattr(trainer_module, "write_text", dies_before(write_text))
+        with pytest.raises(Killed):
+            _train(run, phantom, *overrides)
+        monkeypatch.undo()
+        _train(run, phantom, *overrides, resume="auto")
+        assert timeless(_metrics(run)) == timeless(_metrics(straight)), name
+        again = load_checkpoint(run / "checkpoints" / "best.pt")
+        assert again["epoch"] == 2 and all(torch.equal(again["model_state"][k], v)
+                                           for k, v in best["model_state"].items()), name
+        assert _weights(run).keys() == _weights(straight).keys()
+        assert all(torch.equal(a, b) for a, b in zip(_weights(run).values(), _weights(straight).values())), name
+
+
 def test_sigterm_saves_and_resumes(tmp_path, phantom):
     """SIGTERM to the whole process group (as Slurm sends it), data workers included."""
     run = tmp_path / "run"
@@ -387,7 +437,6 @@ def test_a_failed_start_does_not_block_the_same_command(tmp_path, phantom, capsy
 
 def test_sigterm_during_start_up_ends_the_job_at_once(tmp_path, phantom, monkeypatch, capsys):
     """A signal while the data is cached (or W&B starts) ends the job within seconds, not after the step."""
-    from trunet.pipeline.training import trainer as trainer_module
 
     class NoHandler(Exception):
         pass

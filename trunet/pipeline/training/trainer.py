@@ -247,15 +247,19 @@ class Trainer:
                     self.optimizer.param_groups[0]["lr"], before)
 
     def save(self, best: bool = False) -> None:
-        """Rank 0 writes ``latest.pt`` (and ``best.pt``); the other ranks write nothing."""
+        """Rank 0 writes ``best.pt`` (when ``best``), then ``latest.pt``; the other ranks write nothing.
+
+        ``latest.pt`` comes last: it is what a resumed run starts from, so a job killed before it is written
+        repeats the work since the previous ``latest.pt`` and writes ``best.pt`` (and ``metrics.csv``)
+        again, instead of finding the epoch done without them."""
         if not self.ctx.is_main:
             return
         payload = self.payload()
-        ckpt.save_checkpoint(self.latest_path, payload)
-        debug_record(self.ctx, "saves", f"{self.latest_path} epoch {self.epoch} step {self.iteration}")
         if best:
             ckpt.save_checkpoint(self.best_path, payload)
             debug_record(self.ctx, "saves", f"{self.best_path} epoch {self.epoch} step {self.iteration}")
+        ckpt.save_checkpoint(self.latest_path, payload)
+        debug_record(self.ctx, "saves", f"{self.latest_path} epoch {self.epoch} step {self.iteration}")
 
     def check_replicas(self) -> None:
         """Under DDP, check that every rank holds the same weights (one float per rank gathered)."""
@@ -491,8 +495,8 @@ class Trainer:
         self.epoch_iteration = 0
         self.partial = {"loss_sum": 0.0, "loss_count": 0, "skipped": 0}
         self.check_replicas()
-        self.save(best=is_best)
         self.write_metrics()
+        self.save(best=is_best)  # latest.pt last (see save)
         dist_utils.barrier(ctx)
         self.tracker.log({"epoch/train_loss": loss, "epoch/epoch": self.epoch, "epoch/seconds": seconds},
                          step=self.iteration)
