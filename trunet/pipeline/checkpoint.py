@@ -196,7 +196,8 @@ def load_checkpoint(
     if stored is not None and payload_checksum(payload) != stored:
         raise CheckpointError(f"{p}: corrupt checkpoint: its content does not match the checksum written "
                               "with it (changed after it was saved); use another checkpoint, e.g. best.pt "
-                              "or a copy")
+                              "or a copy (to resume a run, copy its best.pt over checkpoints/latest.pt: it "
+                              "holds the whole training state of its epoch)")
     return payload
 
 
