@@ -167,7 +167,7 @@ def _prediction(path: Path) -> np.ndarray:
 
 
 def smoothed_labels(pred_dir: Path, case_id: str, sigma: float) -> np.ndarray:
-    """``frame``'s saved probabilities, Gaussian-smoothed over time (cyclic), arg-max, largest components."""
+    """A variant's saved probabilities, Gaussian-smoothed over time (cyclic), arg-max, largest components."""
     probs = []
     for k, name in enumerate(("background", *CLASSES)):
         p = np.asarray(nib.load(str(pred_dir / f"{case_id}_prob_{k}_{name}.nii.gz")).dataobj, dtype=np.float32)
@@ -199,17 +199,23 @@ def score(pred: np.ndarray, ref: np.ndarray, case: dict, spacing) -> dict:
             "rough": rough(vp[:, 3]), "rough_ref": rough(vr[:, 3])}
 
 
-def evaluate_variant(work: Path, variant: str, scenarios: dict[str, dict], sigma: float) -> dict[str, dict]:
+def evaluate_variant(work: Path, variant: str, scenarios: dict[str, dict], sigma: float,
+                     probabilities: bool = False) -> dict[str, dict]:
+    """Scores of one variant per scenario; ``probabilities``: save them when predicting (a ``+smooth``
+    variant of the same model follows)."""
     smooth = variant.endswith("+smooth")
     source = variant[: -len("+smooth")] if smooth else variant
     ckpt = work / "runs" / source / "checkpoints" / "best.pt"
     results = {}
     for scenario, cases in scenarios.items():
         pred_dir = work / "pred" / source / scenario
-        if not all((pred_dir / f"{cid}_seg.nii.gz").is_file() for cid in cases):
+        needed = [f"{cid}_seg.nii.gz" for cid in cases]
+        if smooth:  # the probabilities too (saved by any variant's prediction when asked)
+            needed += [f"{cid}_prob_0_background.nii.gz" for cid in cases]
+        if not all((pred_dir / name).is_file() for name in needed):
             if pred_dir.exists():
                 subprocess.call(["rm", "-rf", str(pred_dir)])
-            run_prediction(ckpt, work / "scenarios" / scenario, pred_dir, save_probabilities=source.startswith("frame"),
+            run_prediction(ckpt, work / "scenarios" / scenario, pred_dir, save_probabilities=smooth or probabilities,
                            cpu_bf16=False)
         rows = []
         for cid, case in cases.items():
@@ -277,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         if v.endswith("+smooth"):
             seconds[v] = seconds.get(v.removesuffix("+smooth"))
 
-    results = {v: evaluate_variant(args.work, v, scenarios, args.smooth_sigma) for v in variants}
+    results = {v: evaluate_variant(args.work, v, scenarios, args.smooth_sigma, f"{v}+smooth" in variants)
+               for v in variants}
     (args.work / "results.json").write_text(json.dumps({"results": results, "train_seconds": seconds}, indent=1))
 
     print("\n| scenario | variant | Dice corrupted frames | Dice clean frames | Dice at ES | LV EF error | "
