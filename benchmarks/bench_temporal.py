@@ -21,6 +21,7 @@ Variants (``--variants``), each ``configs/demo.yaml`` plus overrides:
 * ``frame+smooth``: ``frame``'s probabilities smoothed over time (Gaussian, sigma ``--smooth-sigma``
   frames, cyclic) before the arg-max: the cheap thing a user tries first (no extra training);
 * ``causal``: the recipe with unidirectional ConvLSTMs (the streaming form);
+* ``temporal-full``: the recipe with full-width ConvLSTM states (``model.clstm_reduction=1``);
 * ``temporal-cons`` / ``frame-cons``: ``temporal`` / ``frame`` plus the corruption-consistency loss
   (``train.consistency_weight``); ``<variant>+smooth`` smooths any variant's probabilities as
   ``frame+smooth`` does.
@@ -90,6 +91,7 @@ VARIANTS = {
     "temporal": RECIPE,
     "frame": [*RECIPE, "model.clstm_levels=[]"],
     "causal": [*RECIPE, "model.bidirectional=false"],
+    "temporal-full": [*RECIPE, "model.clstm_reduction=1"],
     "temporal-cons": [*RECIPE, *CONSISTENCY],
     "frame-cons": [*RECIPE, *CONSISTENCY, "model.clstm_levels=[]"],
 }
