@@ -9,14 +9,11 @@ is synthetic (a pulsing bright ellipse in noise), by default 30 frames of 256 x 
 
 Paths compared in one run (``--paths``):
 
-* ``before``: the path before streaming: float32 on the CPU, a causal model's series cut into time
-  windows whose shared context frames are recomputed (45 frame-passes for 30 frames), and spatial windows
-  of the patch (two 256 x 208 windows for a 256 x 216 slice);
+* ``before``: the path before streaming: float32 on the CPU, and a causal model's series cut into time
+  windows whose shared context frames are recomputed (45 frame-passes for 30 frames);
 * ``float32``: float32, the series streamed with the ConvLSTM state carried from chunk to chunk, which
-  equals one pass over all frames, spatial windows of the patch (the label reference);
-* ``fast``: what ``trunet predict`` does by default: streamed, bf16 autocast on a CPU with bf16
-  instructions, and one window grown to the scan where it is at most ``infer.roi_growth`` larger than the
-  patch (one 256 x 224 window).
+  equals one pass over all frames (the label reference);
+* ``fast``: what ``trunet predict`` does by default: streamed, bf16 autocast on a CPU with bf16 instructions.
 
 Each (path, TTA) setting runs in a fresh process, so the peak resident memory (``ru_maxrss``, which counts
 torch's allocations, unlike ``tracemalloc``) belongs to that setting alone. Each setting's labels are compared
@@ -35,7 +32,6 @@ Prints the command, the machine, the date and one line per setting.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
 import json
 import os
@@ -108,7 +104,6 @@ def worker(args: argparse.Namespace) -> None:
         original_init(self, *a, **kw)
         if args.path in ("before", "float32"):
             self.amp_on_cpu = False
-            self.config = dataclasses.replace(self.config, roi_growth=0.0)  # windows of the patch, as before
         if args.path == "before":
             self.streaming = False  # time windows with recomputed context, as before streaming
 

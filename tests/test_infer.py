@@ -114,20 +114,6 @@ def test_sliding_window_on_a_larger_image_is_a_blend_of_patch_predictions():
     torch.testing.assert_close(probs[..., 0, 0, 0], corner[..., 0, 0, 0], rtol=0, atol=1e-6)
 
 
-def test_a_scan_slightly_larger_than_the_patch_takes_one_grown_window():
-    """infer.roi_growth: 10 voxels against a patch of 8 (25% more) is one 10-voxel window, i.e. the
-    whole-volume prediction; at roi_growth 0 it is two overlapping 8-voxel windows."""
-    model = tiny_model()
-    image = torch.randn(1, 4, 10, 8, 2)
-    grown = Predictor(model, preprocessing(), F32(overlap=0.5, roi_growth=0.25))
-    assert grown.case_roi((10, 8, 2)) == (10, 8, 2) and grown._num_spatial_windows((10, 8, 2), (10, 8, 2)) == 1
-    assert grown.case_roi((12, 9, 2)) == (8, 10, 2)  # 12 > 8 x 1.25 stays windowed; 9 -> 10 (divisor 2)
-    torch.testing.assert_close(grown.predict_case(image), reference(model, image), rtol=0, atol=1e-6)
-    fixed = Predictor(model, preprocessing(), F32(overlap=0.5, roi_growth=0.0))
-    assert fixed.case_roi((10, 8, 2)) == (8, 8, 2) and fixed._num_spatial_windows((10, 8, 2)) == 2
-    assert not torch.allclose(fixed.predict_case(image), reference(model, image), atol=1e-6)
-
-
 def test_time_windows_agree_with_a_single_pass_where_the_series_fits():
     model = tiny_model()
     image = torch.randn(1, 4, 8, 8, 2)

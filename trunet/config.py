@@ -194,9 +194,6 @@ class InferConfig:
 
     overlap: float = 0.5
     sw_batch_size: int = 1
-    # a scan at most this fraction larger than the patch along an axis is covered by one window grown to its
-    # size there (rounded up to the model's size divisor), not by two overlapping windows (0 = never grow)
-    roi_growth: float = 0.25
     time_overlap: int = 2  # frames shared by consecutive time windows of a long series
     tta: bool = False
     postprocess: bool = True
@@ -364,8 +361,6 @@ def _check_values(config: Config, source: str) -> None:
     if not 0.0 <= a.corrupt_strength[0] <= a.corrupt_strength[1] <= 1.0:
         raise ConfigError(f"{source}: 'train.augment.corrupt_strength' must be (lo, hi) with "
                           f"0 <= lo <= hi <= 1, got {list(a.corrupt_strength)}")
-    if not 0 <= config.infer.roi_growth <= 1:
-        raise ConfigError(f"{source}: 'infer.roi_growth' must be in [0, 1], got {config.infer.roi_growth}")
     if t.dice not in ("batch", "frame"):
         raise ConfigError(f"{source}: 'train.dice' must be 'batch' or 'frame', got {t.dice!r}")
     if t.consistency_weight < 0:

@@ -71,13 +71,6 @@ bf16 autocast exactly where the CPU has bf16 instructions (AVX512-BF16 or AMX), 
 convolutions are faster than float32; elsewhere in float32 (``infer.cpu_bf16`` / ``trunet predict
 --cpu-precision`` choose). Probabilities are blended in float32.
 
-*Space*: MONAI's :class:`~monai.inferers.SlidingWindowInferer` with Gaussian blending, windows of the
-training patch (rounded up to the model's size divisor). Along an axis where the scan is larger than the
-patch by at most ``infer.roi_growth`` (25% by default), one window covers the scan instead of two
-overlapping ones (:meth:`Predictor.case_roi`; the network is fully convolutional): an ACDC-sized
-256 x 216 slice with the 256 x 208 patch of ``configs/default.yaml`` is one 256 x 224 window, 46% fewer
-voxels to compute, and the network sees the whole slice at once. ``infer.roi_growth: 0`` keeps the patch.
-
 Mirroring TTA (``infer.tta``) averages the probabilities of the four in-plane mirrorings (none, x, y, xy)
 inside each window, as nnU-Net does; the slice axis is not mirrored (apex and base differ).
 """

@@ -122,7 +122,6 @@ class Predictor:
         patch = tuple(int(p) for p in preprocessing["patch_size"])
         fit_size = getattr(model, "fit_size", None)
         self.roi_size: tuple[int, int, int] = tuple(fit_size(patch)) if fit_size is not None else patch  # type: ignore[assignment]
-        self._fit_size = fit_size
         self.train_window = int(preprocessing.get("time_window") or 1)
         self.causal = bool(getattr(model, "causal", not getattr(model, "bidirectional", False)))
         if time_window not in ("auto", None) and (not isinstance(time_window, int) or time_window < 0):
@@ -139,25 +138,11 @@ class Predictor:
         self._bar: Optional[tqdm] = None
 
     # -- planning ---------------------------------------------------------------------------------
-    def case_roi(self, spatial_size: Sequence[int]) -> tuple[int, int, int]:
-        """The sliding window for a scan of ``spatial_size`` (preprocessed): the patch, except along an axis
-        where the scan is larger by at most ``infer.roi_growth``: there one window covers the scan (its size
-        rounded up to the model's size divisor) instead of two overlapping ones. A 256 x 216 scan with a
-        256 x 208 patch: one 256 x 224 window, 46% fewer voxels than two 256 x 208 windows. Needs a model
-        with ``fit_size`` (a fully convolutional one that says which sizes it accepts)."""
-        growth = float(getattr(self.config, "roi_growth", 0.0))
-        if self._fit_size is None or growth <= 0:
-            return self.roi_size
-        fitted = self._fit_size(spatial_size)
-        return tuple(  # type: ignore[return-value]
-            f if r < s and f <= r * (1 + growth) else r for s, r, f in zip(spatial_size, self.roi_size, fitted)
-        )
-
-    def frames_per_pass(self, num_frames: int, roi: Optional[Sequence[int]] = None) -> Optional[int]:
-        """Frames per pass ``W`` for a series of ``num_frames`` frames (``None`` = one pass) with windows of
-        ``roi`` (default the patch): the time window, or for a streaming model the chunk."""
+    def frames_per_pass(self, num_frames: int) -> Optional[int]:
+        """Frames per pass ``W`` for a series of ``num_frames`` frames (``None`` = one pass): the time window,
+        or for a streaming model the chunk."""
         if self.time_window == "auto":
-            per_frame = math.prod(roi or self.roi_size) * self.config.sw_batch_size
+            per_frame = math.prod(self.roi_size) * self.config.sw_batch_size
             budget = self.stream_voxel_budget if self.streaming else self.pass_voxel_budget
             if num_frames * per_frame <= budget:
                 return None
@@ -171,12 +156,11 @@ class Predictor:
         voxels = num_frames * self.num_classes * math.prod(int(s) for s in spatial_size)
         return torch.device("cpu") if voxels > self.config.cpu_stitch_voxels else self.device
 
-    def _num_spatial_windows(self, spatial_size: Sequence[int], roi: Optional[Sequence[int]] = None) -> int:
+    def _num_spatial_windows(self, spatial_size: Sequence[int]) -> int:
         """How many windows MONAI's sliding window visits (same interval rule as ``sliding_window_inference``)."""
-        roi = tuple(roi or self.roi_size)
-        size = [max(int(s), r) for s, r in zip(spatial_size, roi)]
-        interval = [r if r == s else max(1, int(r * (1 - self.config.overlap))) for s, r in zip(size, roi)]
-        return len(dense_patch_slices(size, roi, interval))
+        size = [max(int(s), r) for s, r in zip(spatial_size, self.roi_size)]
+        interval = [r if r == s else max(1, int(r * (1 - self.config.overlap))) for s, r in zip(size, self.roi_size)]
+        return len(dense_patch_slices(size, self.roi_size, interval))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dev = self.device.type
@@ -206,7 +190,7 @@ class Predictor:
 
     def _logits(self, x: Tensor) -> Tensor:
         """Logits ``(n, T, K, x, y, z)`` of windows ``(n, T, C, x, y, z)``: one pass, or streamed in chunks."""
-        chunk = self.frames_per_pass(x.shape[1], x.shape[3:]) if self.streaming else None
+        chunk = self.frames_per_pass(x.shape[1]) if self.streaming else None
         if not chunk or chunk >= x.shape[1]:
             with self._autocast():
                 logits = self.model(x)
@@ -265,11 +249,10 @@ class Predictor:
         stitch = self.stitch_device(frames, spatial)
         x = x.to(device=stitch if stitch.type == "cpu" else self.device, dtype=torch.float32)
         # a streaming model gets the whole series per spatial window and chunks it itself (_logits)
-        roi = self.case_roi(spatial)
-        window = None if self.streaming else self.frames_per_pass(frames, roi)
+        window = None if self.streaming else self.frames_per_pass(frames)
         windows = time_windows(frames, window, self.config.time_overlap, self.causal)
         inferer = SlidingWindowInferer(
-            roi_size=roi,
+            roi_size=self.roi_size,
             sw_batch_size=self.config.sw_batch_size,
             overlap=self.config.overlap,
             mode="gaussian",
@@ -278,7 +261,7 @@ class Predictor:
         )
         was_training = self.model.training
         self.model.eval()
-        total_windows = len(windows) * self._num_spatial_windows(spatial, roi)
+        total_windows = len(windows) * self._num_spatial_windows(spatial)
         self._bar = tqdm(total=total_windows, desc=description or "case", unit="window", leave=False) if self.progress else None
         try:
             with torch.no_grad():  # not inference_mode: callers may modify the result in place
