@@ -613,10 +613,10 @@ def test_cli_predict_tta_flags(monkeypatch, tmp_path, flags, expected):
     assert seen["tta"] is expected  # None: the checkpoint's infer.tta decides
 
 
-def test_tta_on_a_model_trained_without_mirroring_warns(checkpoint, tmp_path, caplog):
-    """The checkpoint's train.augment.flip_prob is 0 (the default): mirroring TTA warns, plain inference not."""
+def test_tta_on_a_model_trained_without_mirroring_says_so(checkpoint, tmp_path, caplog):
+    """The checkpoint's train.augment.flip_prob is 0 (the default): mirroring TTA says so, plain inference not."""
     image = write_cine(tmp_path / "in" / "case_4d.nii.gz")
-    with caplog.at_level(logging.WARNING, logger="trunet.pipeline.inference"):
+    with caplog.at_level(logging.INFO, logger="trunet.pipeline.inference"):
         run_prediction(checkpoint, image, tmp_path / "plain", device="cpu", tta=False)
         assert "mirroring TTA" not in caplog.text
         run_prediction(checkpoint, image, tmp_path / "tta", device="cpu", tta=True)
@@ -628,6 +628,6 @@ def test_tta_on_a_model_trained_without_mirroring_warns(checkpoint, tmp_path, ca
     model = model_from_hparams(model_hparams(config))
     flipped = save_checkpoint(tmp_path / "flipped.pt", inference_payload(model, config,
                                                                          preprocessing_from_config(config, (6.0, 6.0, 6.6))))
-    with caplog.at_level(logging.WARNING, logger="trunet.pipeline.inference"):
+    with caplog.at_level(logging.INFO, logger="trunet.pipeline.inference"):
         run_prediction(flipped, image, tmp_path / "tta-flipped", device="cpu", tta=True)
     assert "mirroring TTA" not in caplog.text
