@@ -289,20 +289,17 @@ class ConvLSTMCell(nn.Module):
             return self.state_dtype
         return dtype
 
-    def _gates(self, a: Tensor, c_prev: Optional[Tensor], out_dtype: Optional[torch.dtype] = None) -> State:
+    def _gates(self, a: Tensor, c_prev: Optional[Tensor]) -> State:
         """Gate arithmetic on the pre-activations ``a`` ``(B, 4H, *sp)`` (order i, f, o, g).
 
         Runs in float32 for half-precision ``a``: under autocast the convolutions give bf16/fp16
         pre-activations, but the cell state is carried across every frame of a cine (30 and more), and a
         bf16 ``c`` (8 bits of mantissa) rounds the small forget-gate decrements away frame after frame.
-        So ``c`` is float32; ``h`` goes back in the convolutions' dtype ``out_dtype`` (default: the dtype of
-        ``a``), since it only feeds them. The class attribute :attr:`state_dtype` (``None``: the
+        So ``c`` is float32; ``h`` goes back in the dtype of ``a`` (the convolutions'), since it only feeds
+        them. The class attribute :attr:`state_dtype` (``None``: the
         pre-activations' own dtype) exists to measure that drift. Memory: see :class:`_GateFunction`.
         """
-        out_dtype = out_dtype or a.dtype
-        arithmetic = self._arithmetic_dtype(a.dtype)
-        w = self.w_peephole
-        return _GateFunction.apply(a, c_prev, w, arithmetic, out_dtype)
+        return _GateFunction.apply(a, c_prev, self.w_peephole, self._arithmetic_dtype(a.dtype), a.dtype)
 
     def forward(self, input_tensor: Tensor, cur_state: Sequence[Tensor]) -> State:
         """One time step: ``input_tensor (B, input_dim, *sp)``, ``cur_state (h, c)`` -> ``(h_next, c_next)``."""

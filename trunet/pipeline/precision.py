@@ -30,9 +30,7 @@ def cuda_has_native_bf16(device: torch.device | str | None = None) -> bool:
     GradScaler.
     """
     index = None if device is None else torch.device(device).index
-    if index is None:  # the current device
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    with torch.cuda.device(index):
+    with contextlib.nullcontext() if index is None else torch.cuda.device(index):  # None: the current device
         return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
