@@ -26,7 +26,11 @@ Usage::
     python benchmarks/bench_infer.py --device cuda        # on a GPU (adds peak CUDA memory)
     python benchmarks/bench_infer.py --frames 2 --settings fast:off  # a quick check that it runs
 
-Prints the command, the machine, the date and one line per setting.
+Prints the command, the machine, the date, the network's work for the case (convolution GFLOP per frame and
+window, counted on the ``meta`` device, times windows and frames) and one line per setting with its useful
+throughput: that work over the predictor's seconds (the ``before`` path computes 45 frame-passes for 30 frames, so
+its hardware throughput is 1.5x its useful one). Work over the CPU's convolution throughput is the floor no
+scheduling can beat without changing the network.
 """
 
 from __future__ import annotations
@@ -86,6 +90,32 @@ def write_checkpoint(folder: Path, config_path: Path, spacing: tuple[float, floa
     path = save_checkpoint(folder / "bench.pt", payload)
     model_from_checkpoint(payload)  # fails here, not in the timed run, if the payload is unusable
     return path
+
+
+def network_work(checkpoint: Path, size: tuple[int, int, int], frames: int) -> tuple[float, int]:
+    """The network's work for the case: (GFLOP per frame per window, spatial windows per frame).
+
+    The FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` (2 per multiply-add, convolutions
+    alone: everything else is memory-bound and small) on a model built on the ``meta`` device, so counting costs
+    no compute; the windows are the predictor's own count for the scan (same rule as MONAI's sliding window).
+    A frame's cost is the same in every path (one pass = streamed); TTA multiplies it by the mirrorings.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trunet.pipeline.checkpoint import load_checkpoint, model_from_hparams
+    from trunet.pipeline.inference import Predictor
+    from trunet.pipeline.inference.run import _infer_config
+
+    payload = load_checkpoint(checkpoint)
+    with torch.device("meta"):
+        model = model_from_hparams(payload["model_hparams"]).eval()
+    predictor = Predictor(model, payload["preprocessing"], _infer_config(payload, checkpoint))
+    windows = predictor._num_spatial_windows(size)
+    x = torch.empty(1, 1, predictor.in_channels, *predictor.roi_size, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / 1e9, windows
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -182,6 +212,11 @@ def main() -> None:
         print(f"infer:   patch {list(config.train.patch_size)}, overlap {config.infer.overlap}, "
               f"sw_batch_size {config.infer.sw_batch_size}, time window 'auto' (training window "
               f"{config.train.time_window}, time_overlap {config.infer.time_overlap}), largest-component post-processing")
+        gflop, windows = network_work(checkpoint, tuple(args.size), args.frames)
+        work_tflop = gflop * windows * args.frames / 1000  # without TTA; TTA multiplies it by its mirrorings
+        print(f"work:    {gflop:.0f} GFLOP per frame per window x {windows} windows x {args.frames} frames = "
+              f"{work_tflop:.1f} TFLOP per cine without TTA (convolutions; {4 * work_tflop:.1f} with TTA); "
+              f"60 s would need {1000 * work_tflop / 60:.0f} GFLOP/s")
         settings = [tuple(s.strip().split(":")) for s in args.settings.split(",") if s.strip()]
         if any(len(s) != 2 or s[0] not in ("before", "float32", "fast") or s[1] not in ("off", "on") for s in settings):
             raise SystemExit(f"--settings: expected PATH:TTA items (before|float32|fast):(off|on), got {args.settings!r}")
@@ -201,17 +236,18 @@ def main() -> None:
             r["load"] = os.getloadavg()[1]  # 5-minute load average at the end: other jobs on the machine
             labels[(path, tta)] = np.asarray(nib.load(out / r["written"][0]).dataobj)
             results.append(r)
+            r["gflops"] = 1000 * work_tflop * (4 if tta == "on" else 1) / r["predict_seconds"]
             cuda = f", peak CUDA {r['peak_cuda_mb']:.0f} MB on {r['gpu']}" if "peak_cuda_mb" in r else ""
             print(f"{path:7s} tta={tta:3s}: {r['seconds']:8.1f} s end to end ({r['predict_seconds']:.1f} s in the "
                   f"predictor), peak RSS {r['peak_rss_mb']:.0f} MB (before run_prediction {r['rss_before_mb']:.0f} MB), "
-                  f"{r['threads']} torch threads, load average {r['load']:.1f}{cuda}", flush=True)
+                  f"{r['gflops']:.0f} GFLOP/s in the predictor, {r['threads']} torch threads, load average {r['load']:.1f}{cuda}", flush=True)
         print()
-        print("| path | TTA | seconds | predictor s | peak RSS GB | labels equal to float32 |")
-        print("|---|---|---|---|---|---|")
+        print("| path | TTA | seconds | predictor s | useful GFLOP/s in the predictor | peak RSS GB | labels equal to float32 |")
+        print("|---|---|---|---|---|---|---|")
         for r in results:
             ref = labels.get(("float32", r["tta"]))
             agree = f"{100 * np.mean(labels[(r['path'], r['tta'])] == ref):.3f}%" if ref is not None else "(no reference)"
-            print(f"| {r['path']} | {r['tta']} | {r['seconds']:.1f} | {r['predict_seconds']:.1f} | "
+            print(f"| {r['path']} | {r['tta']} | {r['seconds']:.1f} | {r['predict_seconds']:.1f} | {r['gflops']:.0f} | "
                   f"{r['peak_rss_mb'] / 1024:.2f} | {agree} |")
 
 if __name__ == "__main__":
