@@ -18,13 +18,17 @@ Variants (``--variants``), each ``configs/demo.yaml`` plus overrides:
   quarter-width state, 25% of the training frames corrupted while their labels stay, cyclic inference;
 * ``frame``: the recipe without ConvLSTMs (``model.clstm_levels=[]``): the same UNet frame by frame,
   trained on the same corrupted frames;
+* ``shipped-frame``: the shipped config without ConvLSTMs: the same UNet frame by frame, trained as
+  ``shipped`` is (no frame corruption);
 * ``frame+smooth``: ``frame``'s probabilities smoothed over time (Gaussian, sigma ``--smooth-sigma``
   frames, cyclic) before the arg-max: the cheap thing a user tries first (no extra training);
 * ``causal``: the recipe with unidirectional ConvLSTMs (the streaming form);
 * ``temporal-full``: the recipe with full-width ConvLSTM states (``model.clstm_reduction=1``);
 * ``temporal-cons`` / ``frame-cons``: ``temporal`` / ``frame`` plus the corruption-consistency loss
   (``train.consistency_weight``); ``<variant>+smooth`` smooths any variant's probabilities as
-  ``frame+smooth`` does.
+  ``frame+smooth`` does; ``<variant>+repair`` is the variant predicted with ``infer.repair_frames`` on
+  (spoilt frames found by their disagreement with their neighbours and interpolated from clean ones,
+  :mod:`trunet.pipeline.inference.frame_repair`).
 
 All variants are predicted in float32 (``cpu_bf16=False``), so the table compares models, not precisions.
 
@@ -90,6 +94,7 @@ VARIANTS = {
     "shipped": [],
     "temporal": RECIPE,
     "frame": [*RECIPE, "model.clstm_levels=[]"],
+    "shipped-frame": ["model.clstm_levels=[]"],
     "causal": [*RECIPE, "model.bidirectional=false"],
     "temporal-full": [*RECIPE, "model.clstm_reduction=1"],
     "temporal-cons": [*RECIPE, *CONSISTENCY],
@@ -201,28 +206,41 @@ def score(pred: np.ndarray, ref: np.ndarray, case: dict, spacing) -> dict:
             "rough": rough(vp[:, 3]), "rough_ref": rough(vr[:, 3])}
 
 
+POSTPROCESSING = ("+smooth", "+repair")
+"""Suffixes of a variant name: the source variant's predictions post-processed over time."""
+
+
+def split_variant(variant: str) -> tuple[str, str]:
+    """``"temporal+repair"`` -> ``("temporal", "+repair")``; ``"frame"`` -> ``("frame", "")``."""
+    for suffix in POSTPROCESSING:
+        if variant.endswith(suffix):
+            return variant[: -len(suffix)], suffix
+    return variant, ""
+
+
 def evaluate_variant(work: Path, variant: str, scenarios: dict[str, dict], sigma: float,
                      probabilities: bool = False) -> dict[str, dict]:
     """Scores of one variant per scenario; ``probabilities``: save them when predicting (a ``+smooth``
-    variant of the same model follows)."""
-    smooth = variant.endswith("+smooth")
-    source = variant[: -len("+smooth")] if smooth else variant
+    variant of the same model follows). A ``+repair`` variant is the source checkpoint predicted by
+    ``trunet predict``'s own path with ``infer.repair_frames`` on; every other variant is predicted with it off."""
+    source, post = split_variant(variant)
     ckpt = work / "runs" / source / "checkpoints" / "best.pt"
     results = {}
     for scenario, cases in scenarios.items():
-        pred_dir = work / "pred" / source / scenario
+        pred_dir = work / "pred" / (variant if post == "+repair" else source) / scenario
         needed = [f"{cid}_seg.nii.gz" for cid in cases]
-        if smooth:  # the probabilities too (saved by any variant's prediction when asked)
+        if post == "+smooth":  # the probabilities too (saved by any variant's prediction when asked)
             needed += [f"{cid}_prob_0_background.nii.gz" for cid in cases]
         if not all((pred_dir / name).is_file() for name in needed):
             if pred_dir.exists():
                 subprocess.call(["rm", "-rf", str(pred_dir)])
-            run_prediction(ckpt, work / "scenarios" / scenario, pred_dir, save_probabilities=smooth or probabilities,
-                           cpu_bf16=False)
+            run_prediction(ckpt, work / "scenarios" / scenario, pred_dir,
+                           save_probabilities=post == "+smooth" or (probabilities and not post),
+                           repair_frames=post == "+repair", cpu_bf16=False)
         rows = []
         for cid, case in cases.items():
             ref = _reference(case["label"])
-            if smooth:
+            if post == "+smooth":
                 pred = smoothed_labels(pred_dir, cid, sigma)
             else:
                 pred = _prediction(pred_dir / f"{cid}_seg.nii.gz")
@@ -247,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-cases", type=int, default=40)
     parser.add_argument("--test-cases", type=int, default=6)
     parser.add_argument("--variants", default="shipped,frame,frame+smooth,temporal",
-                        help="comma-separated: " + ", ".join(["frame+smooth", *VARIANTS]))
+                        help="comma-separated: " + ", ".join(VARIANTS) + "; any of them + " + " or ".join(POSTPROCESSING))
     parser.add_argument("--smooth-sigma", type=float, default=1.0, help="frame+smooth: Gaussian sigma in frames")
     parser.add_argument("--seed", type=int, default=0, help="corruption seed")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of: " + ", ".join(SCENARIOS))
@@ -256,12 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")  # one table at the end, no progress bars in the log
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v.removesuffix("+smooth") not in VARIANTS]
+    unknown = [v for v in variants if split_variant(v)[0] not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}")
-    for v in [v for v in variants if v.endswith("+smooth")]:
-        if v.removesuffix("+smooth") not in variants:
-            variants.insert(0, v.removesuffix("+smooth"))
+    for v in [v for v in variants if split_variant(v)[1]]:
+        if split_variant(v)[0] not in variants:
+            variants.insert(0, split_variant(v)[0])
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if not chosen or any(s not in SCENARIOS for s in chosen):
         parser.error(f"--scenarios: choose from {list(SCENARIOS)}, got {args.scenarios!r}")
@@ -282,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds[v] = train_variant(args.work, v, args.config, train, args.overrides, args.retrain)
             print(f"trained {v}: {seconds[v]:.0f} s" if seconds[v] else f"trained {v}: reused", flush=True)
     for v in variants:
-        if v.endswith("+smooth"):
-            seconds[v] = seconds.get(v.removesuffix("+smooth"))
+        if split_variant(v)[1]:
+            seconds[v] = seconds.get(split_variant(v)[0])
 
     results = {v: evaluate_variant(args.work, v, scenarios, args.smooth_sigma, f"{v}+smooth" in variants)
                for v in variants}

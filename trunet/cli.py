@@ -91,6 +91,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         sw_batch_size=args.sw_batch_size,
         tta=args.tta,  # None: the checkpoint's infer.tta
         postprocess=False if args.no_postprocess else None,  # None: the checkpoint's infer.postprocess
+        repair_frames=False if args.no_repair_frames else None,  # None: the checkpoint's infer.repair_frames
         save_probabilities=args.save_probabilities,
         cpu_bf16=None if args.cpu_precision is None else args.cpu_precision == "bf16",
         output_formats=args.output_format,
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mirroring test-time augmentation (slower, smoother; default: the checkpoint's infer.tta)")
     tta.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation")
     p.add_argument("--no-postprocess", action="store_true", help="keep all components (default: largest per class)")
+    p.add_argument("--no-repair-frames", action="store_true",
+                   help="keep every frame as segmented (default: frames whose masks break from their neighbours, "
+                        "spoilt frames, are interpolated from the nearest clean ones and logged)")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>_prob_<k>_<class>.nii.gz (float32, one 4D file per class)")
     p.add_argument("--cpu-precision", choices=["bf16", "float32"], default=None,
                    help="precision of the network on the CPU (default: bf16 where the CPU has bf16 instructions, "

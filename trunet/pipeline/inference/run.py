@@ -23,6 +23,7 @@ from trunet.io.dicom import DICOM_SUFFIXES, dicom_cine_folders, is_dicom_folder,
 from trunet.io.dicom_seg import write_dicom_seg
 from trunet.io.frames import check_frame_series
 from trunet.pipeline.checkpoint import load_checkpoint, model_from_checkpoint
+from trunet.pipeline.inference.frame_repair import repair_spoilt_frames
 from trunet.pipeline.inference.postprocess import keep_largest_components, probabilities_to_labels
 from trunet.pipeline.inference.predictor import Predictor, resolve_device
 from trunet.progress import is_terminal
@@ -219,6 +220,8 @@ def _infer_config(payload: dict[str, Any], path: Path, **overrides: Any) -> Infe
             setattr(config, key, value)
     if not 0.0 <= config.overlap < 1.0:
         raise ConfigError(f"overlap must be in [0, 1), got {config.overlap}")
+    if not 0.0 < config.repair_min_drop < 1.0:
+        raise ConfigError(f"repair_min_drop must be in (0, 1) (Dice), got {config.repair_min_drop}")
     if config.sw_batch_size < 1:
         raise ConfigError(f"sw_batch_size must be at least 1, got {config.sw_batch_size}")
     return config
@@ -232,6 +235,7 @@ def _predict_one(
     postprocess: bool,
     save_probabilities: bool,
     formats: Sequence[str] = ("nifti",),
+    repair_min_drop: Optional[float] = None,
 ) -> list[Path]:
     header = read_header(case.image)
     with unwrap_data_errors():  # MONAI's Compose wraps a DataError (NaN, truncated file) in a RuntimeError
@@ -241,6 +245,14 @@ def _predict_one(
         raise DataError(case.image, f"preprocessed image has shape {tuple(image.shape)}; expected (T, X, Y, Z)")
     frames, num_classes = image.shape[0], predictor.num_classes
     probs = predictor.predict_case(image, description=case.case_id)[0].cpu()  # (T, K, x, y, z)
+    if repair_min_drop is not None:  # on the model's grid: the frames' agreement does not depend on the grid
+        probs, repair = repair_spoilt_frames(probs, repair_min_drop)
+        if repair.frames:
+            logger.info("%s: frames %s break from their neighbours (agreement %s < %.3f Dice); replaced by "
+                        "interpolation between the nearest unflagged frames", case.case_id, repair.frames,
+                        [repair.agreement[t] for t in repair.frames], repair.threshold)
+        elif repair.skipped:
+            logger.warning("%s: %s", case.case_id, repair.skipped)
     # back onto the scan's grid: probabilities are resampled (linear), then the arg-max is taken there
     folded = probs.reshape(frames * num_classes, *probs.shape[2:])
     del probs
@@ -290,6 +302,7 @@ def run_prediction(
     sw_batch_size: Optional[int] = None,
     tta: Optional[bool] = None,
     postprocess: Optional[bool] = None,
+    repair_frames: Optional[bool] = None,
     save_probabilities: bool = False,
     cpu_bf16: Optional[bool] = None,
     output_formats: Sequence[str] = ("nifti",),
@@ -298,8 +311,8 @@ def run_prediction(
     """Segment every frame of the input scans with a checkpoint (``trunet predict``).
 
     Everything about the data (target spacing, normalisation, patch, time window, classes) comes from the
-    checkpoint; ``overlap``, ``sw_batch_size``, ``tta``, ``postprocess`` and ``cpu_bf16`` override its
-    ``infer`` settings when not ``None``.
+    checkpoint; ``overlap``, ``sw_batch_size``, ``tta``, ``postprocess``, ``repair_frames`` and ``cpu_bf16``
+    override its ``infer`` settings when not ``None``.
 
     Args:
         checkpoint: a ``.pt`` written by training (``RUN/checkpoints/best.pt``).
@@ -313,6 +326,9 @@ def run_prediction(
         device: ``cpu``, ``cuda`` or ``cuda:N``; default CUDA when available.
         tta: mirroring test-time augmentation.
         postprocess: keep the largest component per class and frame.
+        repair_frames: replace the probabilities of frames whose segmentation breaks from their neighbours
+            (spoilt frames: signal dropout, a mistriggered beat) by interpolation in time between the nearest
+            clean frames (:mod:`trunet.pipeline.inference.frame_repair`); the repaired frames are logged.
         cpu_bf16: bf16 autocast on the CPU (default: the checkpoint's ``infer.cpu_bf16``, normally on exactly
             where the CPU has bf16 instructions).
         output_formats: ``"nifti"`` (the labels file above) and/or ``"dicom-seg"``: for a DICOM input, the
@@ -332,7 +348,7 @@ def run_prediction(
     payload = load_checkpoint(ckpt)
     preprocessing = _check_checkpoint(payload, ckpt)
     config = _infer_config(payload, ckpt, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, postprocess=postprocess,
-                           cpu_bf16=cpu_bf16)
+                           repair_frames=repair_frames, cpu_bf16=cpu_bf16)
     _note_unseen_mirroring(payload, config, ckpt)
     allow_3d = bool(preprocessing.get("allow_3d", False))
     out_dir = Path(output_dir)
@@ -357,7 +373,8 @@ def run_prediction(
     written: list[Path] = []
     for case in cases:
         start = time.perf_counter()
-        files = _predict_one(case, predictor, transforms, out_dir, config.postprocess, save_probabilities, formats)
+        files = _predict_one(case, predictor, transforms, out_dir, config.postprocess, save_probabilities, formats,
+                             config.repair_min_drop if config.repair_frames else None)
         meta = read_header(case.image)
         logger.info(
             "%s: %s x %d frames, %.1f s on %s%s -> %s",

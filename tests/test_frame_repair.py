@@ -1,0 +1,139 @@
+"""Spoilt frames found by their disagreement with their neighbours and interpolated from clean ones."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from trunet.cli import main
+from trunet.errors import ConfigError
+from trunet.pipeline.checkpoint import load_checkpoint, save_checkpoint
+from trunet.pipeline.inference import Predictor, run_prediction
+from trunet.pipeline.inference.frame_repair import repair_spoilt_frames
+
+from test_infer import write_checkpoint, write_cine
+
+
+def beating_heart(frames: int, shape=(48, 48, 2), motion: float = 5.0) -> np.ndarray:
+    """Labels ``(T, X, Y, Z)`` of one beat: an LV cavity (3) in a myocardial ring (2) beside an RV (1), the
+    cavity shrinking to end-systole at ``T // 2`` and refilling (radius 12 -> 12 - motion voxels)."""
+    xx, yy = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    labels = np.zeros((frames, *shape), np.uint8)
+    for t in range(frames):
+        r = 12 - motion * (1 - np.cos(2 * np.pi * t / frames)) / 2
+        d_lv = np.hypot(xx - 18, yy - 24)
+        d_rv = np.hypot(xx - 36, yy - 24)
+        plane = np.zeros(shape[:2], np.uint8)
+        plane[d_rv <= 0.8 * r] = 1
+        plane[d_lv <= r + 3] = 2
+        plane[d_lv <= r] = 3
+        labels[t] = plane[..., None]
+    return labels
+
+
+def probabilities(labels: np.ndarray, confidence: float = 0.9) -> torch.Tensor:
+    """Soft one-hot ``(T, K=4, X, Y, Z)`` of the labels, as a confident network gives them."""
+    one_hot = np.moveaxis(np.eye(4, dtype=np.float32)[labels], -1, 1)
+    return torch.from_numpy(confidence * one_hot + (1 - confidence) / 4)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([2 * ((a == c) & (b == c)).sum() / max(1, (a == c).sum() + (b == c).sum()) for c in (1, 2, 3)]))
+
+
+def test_spoilt_frames_are_found_and_interpolated_from_clean_ones():
+    truth = beating_heart(16)
+    spoilt = truth.copy()
+    spoilt[3] = 0  # a dropout: the heart segmented as background
+    spoilt[9][:, 20:30] = 0  # a band through the heart, next to end-systole (frame 8)...
+    spoilt[10] = np.roll(truth[10], 8, axis=0)  # ...followed by a mistriggered, displaced frame
+    repaired, report = repair_spoilt_frames(probabilities(spoilt))
+    assert report.frames == [3, 9, 10], report
+    labels = repaired.argmax(1).numpy()
+    # each repaired frame is as close to the truth as the clean frames on either side of the gap are to each
+    # other (the heart's motion across the gap), and far closer than the spoilt frame
+    for t, (before, after) in {3: (2, 4), 9: (8, 11), 10: (8, 11)}.items():
+        gap = dice(truth[before], truth[after])
+        assert dice(labels[t], truth[t]) >= gap, (t, dice(labels[t], truth[t]), gap)
+        assert dice(labels[t], truth[t]) > dice(spoilt[t], truth[t]) + 0.2
+    untouched = [t for t in range(16) if t not in (3, 9, 10)]
+    assert torch.equal(repaired[untouched], probabilities(spoilt)[untouched])  # end-systole (8) included
+
+
+@pytest.mark.parametrize("frames, motion", [(30, 5.0), (12, 5.0), (8, 4.0)])
+def test_a_clean_cine_is_left_as_it_is_even_at_its_extremes(frames, motion):
+    """End-diastole and end-systole differ from both neighbours the same way: they are no outliers, also in a
+    coarsely sampled cine where the heart moves a lot from frame to frame."""
+    probs = probabilities(beating_heart(frames, motion=motion))
+    repaired, report = repair_spoilt_frames(probs)
+    assert report.frames == [] and report.skipped == "", report
+    assert repaired is probs
+    assert min(report.agreement) > report.threshold
+
+
+def test_a_series_mostly_spoilt_is_left_as_segmented():
+    """With most frames unlike their neighbours there is no clean majority to repair from."""
+    truth = beating_heart(10)
+    spoilt = truth.copy()
+    for t in (0, 2, 4, 5, 6, 8):  # 6 of 10 frames, each displaced its own way
+        spoilt[t] = np.roll(truth[t], 5 * (t + 1), axis=1)
+    probs = probabilities(spoilt)
+    repaired, report = repair_spoilt_frames(probs)
+    assert repaired is probs and report.frames == [], report
+
+
+def test_too_short_a_series_and_bad_arguments():
+    probs = probabilities(beating_heart(4))
+    repaired, report = repair_spoilt_frames(probs)
+    assert repaired is probs and report.frames == [] and report.skipped == ""
+    with pytest.raises(ValueError, match=r"\(T, K, X, Y, Z\)"):
+        repair_spoilt_frames(probs[0])
+    with pytest.raises(ValueError, match="min_drop"):
+        repair_spoilt_frames(probabilities(beating_heart(8)), min_drop=0)
+
+
+def _spoilt_series_network(monkeypatch) -> None:
+    """``Predictor.predict_case`` replaced by a beating heart on the case's grid with frame 4 spoilt."""
+
+    def predict_case(self, image, description=None):
+        frames, *spatial = image.shape
+        labels = np.zeros((frames, *spatial), np.uint8)
+        heart = beating_heart(frames)
+        labels[:, : min(48, spatial[0]), : min(48, spatial[1]), : min(2, spatial[2])] = \
+            heart[:, : spatial[0], : spatial[1], : spatial[2]]
+        labels[4] = 0
+        return probabilities(labels)[None]
+
+    monkeypatch.setattr(Predictor, "predict_case", predict_case)
+
+
+def test_predict_repairs_a_spoilt_frame_and_says_so(tmp_path, monkeypatch, caplog):
+    checkpoint = write_checkpoint(tmp_path / "model.pt", target_spacing=(3.0, 3.0, 8.0))
+    image = write_cine(tmp_path / "in" / "case_4d.nii.gz", shape=(48, 48, 2, 12))
+    _spoilt_series_network(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="trunet.pipeline.inference"):
+        (seg,) = run_prediction(checkpoint, image, tmp_path / "repaired", device="cpu")
+    assert "case: frames [4] break from their neighbours" in caplog.text
+    repaired = np.asarray(nib.load(seg).dataobj)
+    cavity = [(repaired[..., t] == 3).sum() for t in (3, 4, 5)]
+    assert cavity[0] >= cavity[1] >= cavity[2] > 0, cavity  # back, between its neighbours' (5: nearer systole)
+
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(image), "--output",
+                 str(tmp_path / "as-segmented"), "--device", "cpu", "--no-repair-frames"]) == 0
+    kept = np.asarray(nib.load(tmp_path / "as-segmented" / "case_seg.nii.gz").dataobj)
+    assert (kept[..., 4] > 0).sum() == 0  # the spoilt frame as the network gave it
+    np.testing.assert_array_equal(np.delete(kept, 4, axis=-1), np.delete(repaired, 4, axis=-1))
+
+
+def test_a_repair_threshold_outside_dice_is_refused(tmp_path):
+    payload = load_checkpoint(write_checkpoint(tmp_path / "model.pt"))
+    payload["config"]["infer"]["repair_min_drop"] = 1.5
+    checkpoint = save_checkpoint(tmp_path / "bad.pt", payload)
+    image = write_cine(tmp_path / "in" / "case_4d.nii.gz")
+    with pytest.raises(ConfigError, match="repair_min_drop"):
+        run_prediction(checkpoint, image, tmp_path / "out", device="cpu")

@@ -1,0 +1,165 @@
+"""Repair of spoilt frames: frames whose segmentation breaks from their neighbours in time.
+
+A cine frame can be spoilt on its own (a signal-dropout band, a mistriggered beat, a missing frame) while
+the frames around it are clean, and the heart moves little from one frame to the next. A network, with or
+without ConvLSTMs, may then segment the spoilt frame badly and *confidently* (a dropout band looks like
+background), so neither its confidence nor a blur over time finds it: a Gaussian filter over time pulls every
+frame towards its neighbours, the spoilt ones a little and end-systole (the smallest cavity, between
+larger ones) as much, which costs the ejection fraction (BENCHMARKS.md, "Time").
+
+What this does instead, on the probabilities of a whole series ``(T, K, X, Y, Z)``:
+
+1. **Find** the frames that disagree with the series: frame ``t``'s labels (arg-max) are compared, by
+   mean Dice over the foreground classes, with the labels of the voxel-wise **median** of the
+   probabilities of the frames ``t - HALF_WINDOW .. t + HALF_WINDOW`` (cyclic: a cine is one heartbeat;
+   ``t`` itself always in). A median ignores a minority of spoilt frames in the window, where a mean
+   would not. A frame is flagged when its agreement lies below ``median(agreement) - max(3 * MAD,
+   min_drop)`` over the series; then the agreements are computed again with the flagged frames left out
+   of the other frames' medians (a clean frame between two spoilt ones is then judged against clean
+   ones), until the flags no longer change.
+2. **Repair** each flagged frame: its probabilities become the linear interpolation in time between the
+   nearest unflagged frames before and after it (cyclic). Unflagged frames are left exactly as they are,
+   so end-systole and end-diastole keep their own segmentation unless they are themselves spoilt.
+
+``min_drop`` (``infer.repair_min_drop``, 0.1 Dice by default) keeps mild defects in place: a frame is only
+replaced when its mask differs from its neighbours' by clearly more than the heart's own motion does.
+If more than half of the frames end up flagged, nothing is repaired (the series is not a cine with a few
+spoilt frames) and a warning says so. A series of fewer than ``2 * HALF_WINDOW + 1`` frames (an ED/ES pair)
+is returned as it is.
+
+Written by hand: neither MONAI nor SimpleITK has outlier detection over the time axis of a segmentation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["HALF_WINDOW", "FrameRepair", "repair_spoilt_frames"]
+
+logger = logging.getLogger(__name__)
+
+HALF_WINDOW = 2
+"""Frames on each side of a frame in its reference median (5 frames: a median ignores 2 spoilt of them)."""
+
+_MAD_SCALE = 1.4826  # MAD -> standard deviation for normally distributed agreements
+_MAD_FACTOR = 3.0
+_MAX_ROUNDS = 5
+
+
+@dataclass
+class FrameRepair:
+    """What :func:`repair_spoilt_frames` found: the flagged frames and every frame's agreement."""
+
+    frames: list[int] = field(default_factory=list)
+    """Indices of the repaired frames (empty: none)."""
+    agreement: list[float] = field(default_factory=list)
+    """Per frame: mean foreground Dice of its labels with its window's median labels (last round)."""
+    threshold: float = float("nan")
+    """Agreement below which a frame was flagged."""
+    skipped: str = ""
+    """Why nothing was repaired although frames were flagged (empty otherwise)."""
+
+
+def _foreground_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
+    """Mean Dice over the foreground classes present in either label map (1.0 when none is)."""
+    scores = []
+    for c in range(1, num_classes):
+        x, y = a == c, b == c
+        total = int(x.sum()) + int(y.sum())
+        if total:
+            scores.append(2.0 * int(np.logical_and(x, y).sum()) / total)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def _window(num_frames: int, t: int, flagged: np.ndarray) -> tuple[int, ...]:
+    """Frame ``t``'s cyclic window: ``t`` and its unflagged neighbours within ``HALF_WINDOW``, widened until it
+    holds at least 3 frames (or the whole series)."""
+    half = HALF_WINDOW
+    while True:
+        members = tuple(sorted({s % num_frames for s in range(t - half, t + half + 1)
+                                if s % num_frames == t or not flagged[s % num_frames]}))
+        if len(members) >= 3 or 2 * half + 1 >= num_frames:
+            return members
+        half += 1
+
+
+class _Agreement:
+    """Each frame's agreement with the voxel-wise median of its window, recomputed only where a window changed."""
+
+    def __init__(self, probs: np.ndarray):
+        self.probs = probs
+        self.labels = probs.argmax(1)
+        self.windows: dict[int, tuple[int, ...]] = {}
+        self.values = np.ones(probs.shape[0])
+
+    def __call__(self, flagged: np.ndarray) -> np.ndarray:
+        num_frames, num_classes = self.probs.shape[:2]
+        for t in range(num_frames):
+            members = _window(num_frames, t, flagged)
+            if self.windows.get(t) != members:
+                median = np.median(self.probs[list(members)], axis=0)  # (K, X, Y, Z)
+                self.values[t] = _foreground_dice(self.labels[t], median.argmax(0), num_classes)
+                self.windows[t] = members
+        return self.values.copy()
+
+
+def _interpolate(probs: np.ndarray, t: int, good: np.ndarray) -> np.ndarray:
+    """Frame ``t`` linearly interpolated in time between the nearest good frames before and after it (cyclic)."""
+    num_frames = probs.shape[0]
+    after = (good - t) % num_frames
+    before = (t - good) % num_frames
+    nxt, d_next = good[np.argmin(after)], int(after.min())
+    prv, d_prev = good[np.argmin(before)], int(before.min())
+    return (d_next * probs[prv] + d_prev * probs[nxt]) / (d_next + d_prev)
+
+
+def repair_spoilt_frames(probabilities: torch.Tensor, min_drop: float = 0.1) -> tuple[torch.Tensor, FrameRepair]:
+    """Find the frames whose segmentation breaks from their neighbours and interpolate them from clean ones.
+
+    Args:
+        probabilities: class probabilities of one series ``(T, K, X, Y, Z)`` (float; summing to 1 over ``K``).
+        min_drop: the least drop in agreement below the series' median agreement for a frame to be
+            flagged (Dice; the threshold is ``median - max(3 * MAD, min_drop)``).
+
+    Returns:
+        ``(probabilities, report)``: the series with the flagged frames replaced (a new tensor, same shape,
+        dtype and device; the input is returned unchanged when nothing is repaired), and what was found.
+    """
+    if probabilities.dim() != 5:
+        raise ValueError(f"probabilities must be (T, K, X, Y, Z), got shape {tuple(probabilities.shape)}")
+    if not min_drop > 0:
+        raise ValueError(f"min_drop must be positive, got {min_drop}")
+    num_frames = probabilities.shape[0]
+    if num_frames < 2 * HALF_WINDOW + 1:
+        return probabilities, FrameRepair()  # too short to compare a frame with a window around it
+    probs = probabilities.detach().float().cpu().numpy()
+    agreements = _Agreement(probs)
+    flagged = np.zeros(num_frames, dtype=bool)
+    agreement = agreements(flagged)
+    median = float(np.median(agreement))
+    mad = _MAD_SCALE * float(np.median(np.abs(agreement - median)))
+    threshold = median - max(_MAD_FACTOR * mad, min_drop)
+    for _ in range(_MAX_ROUNDS):
+        new = agreement < threshold
+        if np.array_equal(new, flagged):
+            break
+        flagged = new
+        agreement = agreements(flagged)
+    report = FrameRepair(frames=np.flatnonzero(flagged).tolist(), agreement=agreement.round(4).tolist(),
+                         threshold=round(threshold, 4))
+    if not report.frames:
+        return probabilities, report
+    if 2 * len(report.frames) > num_frames:
+        report.skipped = (f"{len(report.frames)} of {num_frames} frames disagree with their neighbours: "
+                          "not a cine with a few spoilt frames, left as segmented")
+        report.frames = []
+        return probabilities, report
+    good = np.flatnonzero(~flagged)
+    repaired = probs.copy()
+    for t in report.frames:
+        repaired[t] = _interpolate(probs, t, good)
+    return torch.from_numpy(repaired).to(dtype=probabilities.dtype, device=probabilities.device), report
