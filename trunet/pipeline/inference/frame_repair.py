@@ -32,15 +32,12 @@ Written by hand: neither MONAI nor SimpleITK has outlier detection over the time
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 __all__ = ["HALF_WINDOW", "FrameRepair", "repair_spoilt_frames"]
-
-logger = logging.getLogger(__name__)
 
 HALF_WINDOW = 2
 """Frames on each side of a frame in its reference median (5 frames: a median ignores 2 spoilt of them)."""
@@ -65,7 +62,10 @@ class FrameRepair:
 
 
 def _foreground_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
-    """Mean Dice over the foreground classes present in either label map (1.0 when none is)."""
+    """Mean Dice over the foreground classes present in either label map (1.0 when none is).
+
+    Symmetric, as neither map is the reference here (MONAI's ``compute_dice`` with ``ignore_empty`` skips a
+    class by the second map alone), and on label maps without a one-hot copy of either."""
     scores = []
     for c in range(1, num_classes):
         x, y = a == c, b == c
