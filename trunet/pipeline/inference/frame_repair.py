@@ -10,13 +10,14 @@ larger ones) as much, which costs the ejection fraction (BENCHMARKS.md, "Time").
 What this does instead, on the probabilities of a whole series ``(T, K, X, Y, Z)``:
 
 1. **Find** the frames that disagree with the series: frame ``t``'s labels (arg-max) are compared, by
-   mean Dice over the foreground classes, with the labels of the voxel-wise **median** of the
-   probabilities of the frames ``t - HALF_WINDOW .. t + HALF_WINDOW`` (cyclic: a cine is one heartbeat;
-   ``t`` itself always in). A median ignores a minority of spoilt frames in the window, where a mean
-   would not. A frame is flagged when its agreement lies below ``median(agreement) - max(3 * MAD,
-   min_drop)`` over the series; then the agreements are computed again with the flagged frames left out
-   of the other frames' medians (a clean frame between two spoilt ones is then judged against clean
-   ones), until the flags no longer change.
+   mean Dice over the foreground classes, with the labels of each of the frames ``t - HALF_WINDOW ..
+   t + HALF_WINDOW`` (cyclic: a cine is one heartbeat), and its agreement is the **second-best** of those
+   Dice values. A clean frame resembles at least two of its neighbours, end-diastole and end-systole
+   included (the heart turns slowly at its extremes); a spoilt frame resembles none of the clean ones, and
+   at most one spoilt frame beside it (two blank frames agree perfectly). A frame is flagged when its
+   agreement lies below ``median(agreement) - max(3 * MAD, min_drop)`` over the series; then the
+   agreements are computed again with the flagged frames left out of the other frames' neighbours (a clean
+   frame between two spoilt ones is then judged against clean ones), until the flags no longer change.
 2. **Repair** each flagged frame: its probabilities become the linear interpolation in time between the
    nearest unflagged frames before and after it (cyclic). Unflagged frames are left exactly as they are,
    so end-systole and end-diastole keep their own segmentation unless they are themselves spoilt.
@@ -40,7 +41,7 @@ import torch
 __all__ = ["HALF_WINDOW", "FrameRepair", "repair_spoilt_frames"]
 
 HALF_WINDOW = 2
-"""Frames on each side of a frame in its reference median (5 frames: a median ignores 2 spoilt of them)."""
+"""Frames on each side of a frame that it is compared with (4 neighbours: 2 spoilt among them still leave 2)."""
 
 _MAD_SCALE = 1.4826  # MAD -> standard deviation for normally distributed agreements
 _MAD_FACTOR = 3.0
@@ -54,7 +55,7 @@ class FrameRepair:
     frames: list[int] = field(default_factory=list)
     """Indices of the repaired frames (empty: none)."""
     agreement: list[float] = field(default_factory=list)
-    """Per frame: mean foreground Dice of its labels with its window's median labels (last round)."""
+    """Per frame: the second-best mean foreground Dice of its labels with its neighbours' (last round)."""
     threshold: float = float("nan")
     """Agreement below which a frame was flagged."""
     skipped: str = ""
@@ -75,36 +76,46 @@ def _foreground_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
     return float(np.mean(scores)) if scores else 1.0
 
 
-def _window(num_frames: int, t: int, flagged: np.ndarray) -> tuple[int, ...]:
-    """Frame ``t``'s cyclic window: ``t`` and its unflagged neighbours within ``HALF_WINDOW``, widened until it
-    holds at least 3 frames (or the whole series)."""
+def _neighbours(num_frames: int, t: int, flagged: np.ndarray) -> tuple[int, ...]:
+    """Frame ``t``'s unflagged neighbours within ``HALF_WINDOW`` frames (cyclic), the window widened until it
+    holds at least 2 of them (or spans the series)."""
     half = HALF_WINDOW
     while True:
         members = tuple(sorted({s % num_frames for s in range(t - half, t + half + 1)
-                                if s % num_frames == t or not flagged[s % num_frames]}))
-        if len(members) >= 3 or 2 * half + 1 >= num_frames:
+                                if s % num_frames != t and not flagged[s % num_frames]}))
+        if len(members) >= 2 or 2 * half + 1 >= num_frames:
             return members
         half += 1
 
 
 class _Agreement:
-    """Each frame's agreement with the voxel-wise median of its window, recomputed only where a window changed."""
+    """Each frame's agreement with its neighbours: the second-best Dice of its labels with theirs.
 
-    def __init__(self, probs: np.ndarray):
-        self.probs = probs
-        self.labels = probs.argmax(1)
-        self.windows: dict[int, tuple[int, ...]] = {}
-        self.values = np.ones(probs.shape[0])
+    A clean frame resembles at least two of the frames around it, end-diastole and end-systole included
+    (the heart turns slowly there, so both neighbours are close); a spoilt frame resembles none of the clean
+    ones, and a second spoilt frame beside it (two blank frames agree perfectly) is only one of them.
+    Pairwise Dice values are cached across rounds.
+    """
+
+    def __init__(self, labels: np.ndarray, num_classes: int):
+        self.labels = labels
+        self.num_classes = num_classes
+        self._pairs: dict[tuple[int, int], float] = {}
+
+    def _dice(self, t: int, s: int) -> float:
+        key = (min(t, s), max(t, s))
+        if key not in self._pairs:
+            self._pairs[key] = _foreground_dice(self.labels[t], self.labels[s], self.num_classes)
+        return self._pairs[key]
 
     def __call__(self, flagged: np.ndarray) -> np.ndarray:
-        num_frames, num_classes = self.probs.shape[:2]
+        num_frames = self.labels.shape[0]
+        values = np.ones(num_frames)
         for t in range(num_frames):
-            members = _window(num_frames, t, flagged)
-            if self.windows.get(t) != members:
-                median = np.median(self.probs[list(members)], axis=0)  # (K, X, Y, Z)
-                self.values[t] = _foreground_dice(self.labels[t], median.argmax(0), num_classes)
-                self.windows[t] = members
-        return self.values.copy()
+            scores = sorted((self._dice(t, s) for s in _neighbours(num_frames, t, flagged)), reverse=True)
+            if scores:
+                values[t] = scores[1] if len(scores) > 1 else scores[0]
+        return values
 
 
 def _interpolate(probs: np.ndarray, t: int, good: np.ndarray) -> np.ndarray:
@@ -137,7 +148,7 @@ def repair_spoilt_frames(probabilities: torch.Tensor, min_drop: float = 0.1) -> 
     if num_frames < 2 * HALF_WINDOW + 1:
         return probabilities, FrameRepair()  # too short to compare a frame with a window around it
     probs = probabilities.detach().float().cpu().numpy()
-    agreements = _Agreement(probs)
+    agreements = _Agreement(probs.argmax(1), probs.shape[1])
     flagged = np.zeros(num_frames, dtype=bool)
     agreement = agreements(flagged)
     median = float(np.median(agreement))
