@@ -240,9 +240,11 @@ def main() -> None:
             cuda = f", peak CUDA {r['peak_cuda_mb']:.0f} MB on {r['gpu']}" if "peak_cuda_mb" in r else ""
             print(f"{path:7s} tta={tta:3s}: {r['seconds']:8.1f} s end to end ({r['predict_seconds']:.1f} s in the "
                   f"predictor), peak RSS {r['peak_rss_mb']:.0f} MB (before run_prediction {r['rss_before_mb']:.0f} MB), "
-                  f"{r['gflops']:.0f} GFLOP/s in the predictor, {r['threads']} torch threads, load average {r['load']:.1f}{cuda}", flush=True)
+                  f"{r['gflops']:.0f} useful GFLOP/s in the predictor, {r['threads']} torch threads, "
+                  f"load average {r['load']:.1f}{cuda}", flush=True)
         print()
-        print("| path | TTA | seconds | predictor s | useful GFLOP/s in the predictor | peak RSS GB | labels equal to float32 |")
+        print("| path | TTA | seconds | predictor s | useful GFLOP/s in the predictor | peak RSS GB | "
+              "labels equal to float32 |")
         print("|---|---|---|---|---|---|---|")
         for r in results:
             ref = labels.get(("float32", r["tta"]))

@@ -12,8 +12,9 @@ Two layers:
   ``(1, T, X, Y, Z)`` and returns softmax probabilities ``(1, T, K, X, Y, Z)``. Validation during training
   calls it too.
 * :func:`run_prediction` works on files: it loads a checkpoint, finds the input scans, preprocesses each
-  with the checkpoint's inference transforms, predicts, repairs spoilt frames (``infer.repair_frames``: frames
-  whose segmentation breaks from their neighbours are interpolated from clean ones), maps the probabilities back onto the scan's own
+  with the checkpoint's inference transforms, predicts, repairs spoilt frames (``infer.repair_frames``:
+  frames whose segmentation breaks from their neighbours are interpolated from clean ones,
+  :mod:`trunet.pipeline.inference.frame_repair`), maps the probabilities back onto the scan's own
   grid (MONAI ``Invertd``), takes the arg-max, optionally keeps the largest component per class and frame
   (:mod:`trunet.pipeline.inference.postprocess`), and writes ``<case_id>_seg.nii.gz`` atomically.
 
