@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from trunet.cli import main
 from trunet.errors import TrunetError
+from trunet.models import TimeResolvedUNet
 from trunet.pipeline import checkpoint as ckpt
 from trunet.pipeline import training as T
 from trunet.pipeline.training import trainer as trainer_module
@@ -363,27 +364,36 @@ def test_user_errors_are_one_line(tmp_path, phantom, capsys, monkeypatch, caplog
 
 
 def test_sparse_acdc_labels_touch_no_unlabelled_frame(tmp_path, phantom, monkeypatch):
-    """Train on the ACDC layout (ED/ES labels only): the loss never sends gradient to unlabelled frames."""
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    """Train on the ACDC layout (ED/ES labels only): only the labelled frames of a window reach the decoder
+    and the loss (the others pass the encoder and the ConvLSTMs), and every one of them gets gradient."""
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    decoded: list[torch.Tensor] = []
     original = T.DeepSupervisionLoss.forward
+    original_forward = TimeResolvedUNet.forward
+
+    def recording_model(self, x, decode=None):
+        decoded.append(None if decode is None else decode.detach().clone())
+        return original_forward(self, x, decode=decode)
 
     def recording_forward(self, outputs, label, frame_mask):
         first = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
-        first.register_hook(lambda g: seen.append((g.detach().clone(), frame_mask.detach().clone())))
-        assert (label[~frame_mask] == 255).all()
+        first.register_hook(lambda g: seen.append((g.detach().clone(), frame_mask.detach().clone(), label)))
         return original(self, outputs, label, frame_mask)
 
+    monkeypatch.setattr(TimeResolvedUNet, "forward", recording_model)
     monkeypatch.setattr(T.DeepSupervisionLoss, "forward", recording_forward)
     config = load_config(TINY, [f"data.root={phantom}", *QUIET, "train.epochs=1",
                                 "train.iterations_per_epoch=3", "train.time_window=4",
                                 "model.deep_supervision=true"])
     run = T.run_training(config, run_dir=tmp_path / "acdc", config_path=TINY)
-    assert len(seen) == 3
-    assert any((~mask).any() for _, mask in seen), "expected unlabelled frames in the sampled windows"
-    for grad, mask in seen:
-        assert mask.any()
-        assert torch.count_nonzero(grad[~mask]) == 0
-        assert torch.count_nonzero(grad[mask]) > 0
+    assert len(seen) == 3  # validation calls the model too, without decode
+    steps = [d for d in decoded if d is not None][:3]
+    assert len(steps) == 3
+    assert any((~d).any() for d in steps), "expected unlabelled frames in the sampled windows"
+    for (grad, mask, label), decode in zip(seen, steps):
+        assert grad.shape[:2] == (1, int(decode.sum())) and mask.all()
+        assert all((frame != 255).any() for frame in label[0])  # every decoded frame carries labels
+        assert all(torch.count_nonzero(g) > 0 for g in grad[0])
     assert float(_metrics(run)[0]["val_mean_dice"]) >= 0.0
 
 

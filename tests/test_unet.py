@@ -107,6 +107,41 @@ def test_deep_supervision_train_list_eval_tensor():
     assert model(torch.randn(1, 2, 1, 8, 8, 4)).shape == (1, 2, 3, 8, 8, 4)
 
 
+@pytest.mark.parametrize("options", [{}, {"bidirectional": True, "clstm_levels": "all"}])
+def test_decoding_the_labelled_frames_only_gives_the_same_loss_and_gradients(options):
+    """``decode=frame_mask`` (the trainer's ED/ES path) equals a full forward whose loss masks the frames."""
+    from trunet.pipeline.training.losses import DeepSupervisionLoss, MaskedDiceCELoss
+
+    model = tiny(deep_supervision=True, **options)
+    criterion = DeepSupervisionLoss(MaskedDiceCELoss(3))
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 1, 8, 8, 4)
+    label = torch.randint(0, 3, (2, 4, 8, 8, 4))
+    mask = torch.tensor([[False, True, False, False], [True, False, False, True]])
+    label[~mask] = 255
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full_loss, full = grads(criterion(model(x), label, mask))
+    out = model(x, decode=mask)
+    assert [tuple(o.shape[:2]) for o in out] == [(1, 3), (1, 3)]
+    picked = label.flatten(0, 1)[mask.reshape(-1)].unsqueeze(0)
+    assert (picked != 255).all()
+    part_loss, part = grads(criterion(out, picked, torch.ones(1, 3, dtype=torch.bool)))
+    torch.testing.assert_close(part_loss, full_loss)
+    for name in full:
+        torch.testing.assert_close(part[name], full[name], atol=1e-6, rtol=1e-4, msg=name)
+    # the same frames in another order would pair logits with the wrong labels: the loss must differ
+    swapped = picked.flip(1)
+    assert not torch.allclose(criterion(model(x, decode=mask), swapped, torch.ones(1, 3, dtype=torch.bool)),
+                              full_loss)
+    with pytest.raises(ValueError, match="decode must be"):
+        model(x, decode=mask[:1])
+
+
 @pytest.mark.parametrize("options", [{}, {"bidirectional": True, "deep_supervision": True, "peephole": True}])
 def test_checkpointing_gives_equal_gradients(options):
     model = tiny(**options)

@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 from typing import Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from trunet.models.blocks import Decoder, Encoder, TemporalCLSTM
@@ -178,9 +179,23 @@ class TimeResolvedUNet(nn.Module):
         """The smallest size ``>= spatial_size`` the model accepts (per axis, the next multiple of the divisor)."""
         return tuple(max(1, math.ceil(int(s) / d)) * d for s, d in zip(spatial_size, self.size_divisor))  # type: ignore[return-value]
 
-    def forward(self, x: Tensor) -> Union[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor, decode: Optional[Tensor] = None) -> Union[Tensor, list[Tensor]]:
+        """Logits of every frame, or of the frames marked in ``decode`` only.
+
+        Args:
+            x: ``(B, T, C, X, Y, Z)``.
+            decode: optional ``(B, T)`` bool: decode these frames only, after the ConvLSTMs have seen them
+                all. Training on ED/ES labels needs the logits of the labelled frames only (one or two of a
+                window's ``T``); the decoder is most of a step's work, so skipping the others saves about
+                a third of it (BENCHMARKS.md, "Model"). Same logits for the frames kept as a full forward.
+
+        Returns:
+            ``(B, T, K, X, Y, Z)`` (a list of resolutions with deep supervision in training mode); with
+            ``decode``: ``(1, N, K, X, Y, Z)`` for its ``N`` marked frames, in ``(b, t)`` order (all frames
+            when none is marked).
+        """
         all_levels = self.deep_supervision and self.training
-        logits, _ = self._run(x, None, all_levels)
+        logits, _ = self._run(x, None, all_levels, decode)
         return logits if all_levels else logits[0]
 
     def forward_streaming(self, x: Tensor, state: Optional[dict[str, State]] = None) -> tuple[Tensor, dict[str, State]]:
@@ -205,9 +220,10 @@ class TimeResolvedUNet(nn.Module):
         return logits[0], new_state
 
     def _run(
-        self, x: Tensor, state: Optional[dict[str, State]], all_levels: bool
+        self, x: Tensor, state: Optional[dict[str, State]], all_levels: bool, decode: Optional[Tensor] = None
     ) -> tuple[list[Tensor], dict[str, State]]:
-        """Logits of the decoder levels asked for; ``state`` None = plain forward (no state returned)."""
+        """Logits of the decoder levels asked for; ``state`` None = plain forward (no state returned);
+        ``decode``: see :meth:`forward`."""
         if x.dim() != 6:
             raise ValueError(f"TimeResolvedUNet expects input (B, T, C, X, Y, Z), got shape {tuple(x.shape)}")
         if x.shape[2] != self.in_channels:
@@ -223,5 +239,12 @@ class TimeResolvedUNet(nn.Module):
                 features[int(level)] = module(features[int(level)], batch)
             else:
                 features[int(level)], new_state[level] = module.run(features[int(level)], batch, state.get(level))
+        if decode is not None:
+            if tuple(decode.shape) != (batch, frames):
+                raise ValueError(f"decode must be (B, T) = {(batch, frames)}, got {tuple(decode.shape)}")
+            keep = decode.reshape(-1).to(device=x.device, dtype=torch.bool)
+            if bool(keep.any()):
+                features = [f[keep] for f in features]
+                batch, frames = 1, int(keep.sum())
         logits = [y.view(batch, frames, *y.shape[1:]) for y in self.decoder(features, all_levels=all_levels)]
         return logits, new_state

@@ -2,8 +2,10 @@
 (the job around it is :mod:`trunet.pipeline.training.run`).
 
 Per optimizer step: a batch ``image (B, T, X, Y, Z)``, ``label (B, T, X, Y, Z)`` (``ignore_index`` on
-unlabelled frames), ``frame_mask (B, T)`` -> model input ``(B, T, 1, X, Y, Z)`` -> logits ``(B, T, K, X, Y,
-Z)`` (a list of resolutions with deep supervision) -> the loss of
+unlabelled frames), ``frame_mask (B, T)`` -> model input ``(B, T, 1, X, Y, Z)`` -> logits ``(1, N, K, X, Y,
+Z)`` of the ``N`` labelled frames only (every frame passes the encoder and the ConvLSTMs, only the labelled
+ones the decoder; all ``(B, T)`` frames with the consistency loss, which needs them; a list of resolutions
+with deep supervision) -> the loss of
 :func:`~trunet.pipeline.training.losses.build_criterion` on the labelled frames only -> backward (GradScaler
 for fp16) -> gradient clipping -> SGD (Nesterov) or AdamW -> the per-step warm-up + poly schedule of
 :mod:`trunet.pipeline.training.optim`. An epoch is ``train.iterations_per_epoch`` steps.
@@ -304,10 +306,17 @@ class Trainer:
         label = batch["label"].to(self.device, non_blocking=True).long()
         frame_mask = batch["frame_mask"].to(self.device, non_blocking=True).bool()
         self.train_model.train()
-        with self._autocast():
-            outputs = self.train_model(image)
+        consistency = self.t.consistency_weight > 0 and CLEAN_IMAGE in batch
+        if consistency or not bool(frame_mask.any()):
+            with self._autocast():
+                outputs = self.train_model(image)
+        else:  # the labelled frames only reach the decoder (same loss and gradients, a cheaper step)
+            with self._autocast():
+                outputs = self.train_model(image, decode=frame_mask)
+            label = label.flatten(0, 1)[frame_mask.reshape(-1)].unsqueeze(0)  # (1, N, X, Y, Z)
+            frame_mask = frame_mask.new_ones(label.shape[:2])
         loss = self.criterion(outputs, label, frame_mask)
-        if self.t.consistency_weight > 0 and CLEAN_IMAGE in batch:
+        if consistency:
             clean = batch[CLEAN_IMAGE].to(self.device, non_blocking=True).float().unsqueeze(2)
             with torch.no_grad(), self._autocast():
                 target = self.model(clean)  # the bare module: no DDP synchronisation for a no-grad pass
