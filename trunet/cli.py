@@ -92,6 +92,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         tta=args.tta,  # None: the checkpoint's infer.tta
         postprocess=False if args.no_postprocess else None,  # None: the checkpoint's infer.postprocess
         repair_frames=False if args.no_repair_frames else None,  # None: the checkpoint's infer.repair_frames
+        exclude_atrium=False if args.keep_atrium else None,  # None: the checkpoint's infer.exclude_atrium
         save_probabilities=args.save_probabilities,
         cpu_bf16=None if args.cpu_precision is None else args.cpu_precision == "bf16",
         output_formats=args.output_format,
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repair-frames", action="store_true",
                    help="keep every frame as segmented (default: frames whose masks break from their neighbours, "
                         "spoilt frames, are interpolated from the nearest clean ones and logged)")
+    p.add_argument("--keep-atrium", action="store_true",
+                   help="keep basal LV cavity that is less than half enclosed by myocardium (default: it is atrium, "
+                        "the SCMR basal-slice rule, and becomes background; the slices are logged)")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>_prob_<k>_<class>.nii.gz (float32, one 4D file per class)")
     p.add_argument("--cpu-precision", choices=["bf16", "float32"], default=None,
                    help="precision of the network on the CPU (default: bf16 where the CPU has bf16 instructions, "

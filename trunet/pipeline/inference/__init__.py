@@ -4,7 +4,8 @@
 Modules: :mod:`~trunet.pipeline.inference.predictor` (:class:`Predictor`, tensors in, probabilities out),
 :mod:`~trunet.pipeline.inference.windows` (time windows), :mod:`~trunet.pipeline.inference.frame_repair`
 (spoilt frames found and interpolated over time), :mod:`~trunet.pipeline.inference.postprocess`
-(arg-max, largest component) and :mod:`~trunet.pipeline.inference.run` (files: :func:`run_prediction`).
+(arg-max, largest component, atrial basal slices) and :mod:`~trunet.pipeline.inference.run` (files:
+:func:`run_prediction`).
 
 Two layers:
 
@@ -15,8 +16,10 @@ Two layers:
   with the checkpoint's inference transforms, predicts, repairs spoilt frames (``infer.repair_frames``:
   frames whose segmentation breaks from their neighbours are interpolated from clean ones,
   :mod:`trunet.pipeline.inference.frame_repair`), maps the probabilities back onto the scan's own
-  grid (MONAI ``Invertd``), takes the arg-max, optionally keeps the largest component per class and frame
-  (:mod:`trunet.pipeline.inference.postprocess`), and writes ``<case_id>_seg.nii.gz`` atomically.
+  grid (MONAI ``Invertd``), takes the arg-max, optionally keeps the largest component per class and frame,
+  relabels basal LV cavity that myocardium does not enclose as background (``infer.exclude_atrium``, the
+  SCMR basal-slice rule; :mod:`trunet.pipeline.inference.postprocess`), and writes
+  ``<case_id>_seg.nii.gz`` atomically.
 
 Space and time
 --------------

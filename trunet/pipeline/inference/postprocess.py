@@ -1,4 +1,5 @@
-"""Post-processing of a predicted cine segmentation: probabilities -> labels -> largest components.
+"""Post-processing of a predicted cine segmentation: probabilities -> labels -> largest components ->
+atrial slices at the base (:func:`exclude_atrial_slices`).
 
 A predicted cine is a label map ``(T, X, Y, Z)`` (time is the channel axis, as everywhere in trunet).
 The post-processing keeps, per frame and per foreground class, one 3D connected component: a heart has one
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["probabilities_to_labels", "keep_largest_component", "keep_largest_components"]
+__all__ = ["probabilities_to_labels", "keep_largest_component", "keep_largest_components", "exclude_atrial_slices"]
 
 # Full (26-) connectivity in 3D, MONAI's default (``connectivity=None``): voxels touching at an edge or a
 # corner belong together. On anisotropic cine MRI (thick slices) this keeps a structure whose slices are
@@ -98,3 +99,72 @@ def keep_largest_components(labels: np.ndarray, classes: Sequence[int] | None = 
             if mask.any():
                 frame[mask & ~keep_largest_component(mask, support)] = 0
     return out
+
+
+_CROSS_2D = ndimage.generate_binary_structure(2, 1)  # the 4 in-plane neighbours of a pixel
+
+
+def _enclosure(cavity: np.ndarray, frame_slice: np.ndarray, wall: int) -> float:
+    """Fraction of the pixels just outside ``cavity`` ``(X, Y)`` (its 4-connected outer ring) labelled ``wall``."""
+    ring = ndimage.binary_dilation(cavity, _CROSS_2D) & ~cavity
+    return float((frame_slice[ring] == wall).mean()) if ring.any() else 1.0
+
+
+def exclude_atrial_slices(
+    labels: np.ndarray, cavity: int, wall: int, min_enclosed: float = 0.5
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The basal-slice rule of CMR volumetry: at the base, cavity not enclosed by myocardium is atrium.
+
+    In a short-axis stack the base moves towards the apex in systole, so the most basal slices show the LV
+    at end-diastole and the left atrium at end-systole. The SCMR post-processing guideline (Schulz-Menger
+    et al., JCMR 2020) counts a basal slice's blood pool as ventricle only where at least half of it is
+    surrounded by myocardium; a network that labels that atrial blood LV over-estimates the end-systolic
+    volume and under-estimates the ejection fraction. Per frame, the slices holding ``cavity`` are walked
+    from the base inwards (the base is the end of the stack where the cavity is larger: the LV narrows
+    towards the apex); a slice whose cavity's outer ring is less than ``min_enclosed`` ``wall`` is relabelled
+    background, until the first slice that passes. Mid-ventricular and apical slices are never touched, nor
+    other labels. A frame where more than half of the cavity slices would go is left as it is (a failed
+    myocardium, not an atrium).
+
+    Hand-written: neither MONAI nor SimpleITK implements this clinical convention.
+
+    Args:
+        labels: ``(T, X, Y, Z)`` integer labels, Z the slice axis (a single frame ``(X, Y, Z)`` too).
+        cavity: the LV cavity's label value.
+        wall: the LV myocardium's label value.
+        min_enclosed: fraction of the cavity's outer ring that must be myocardium (SCMR: one half).
+
+    Returns:
+        ``(labels, removed)``: a new array of the same shape and dtype, and the relabelled ``(frame, slice)``
+        pairs.
+    """
+    if not 0.0 < min_enclosed <= 1.0:
+        raise ValueError(f"min_enclosed must be in (0, 1], got {min_enclosed}")
+    labels = np.asarray(labels)
+    if labels.ndim == 3:
+        out, removed = exclude_atrial_slices(labels[None], cavity, wall, min_enclosed)
+        return out[0], [(0, z) for _, z in removed]
+    if labels.ndim != 4:
+        raise ValueError(f"labels must be (T, X, Y, Z) or (X, Y, Z), got shape {labels.shape}")
+    out = labels.copy()
+    removed: list[tuple[int, int]] = []
+    for t, frame in enumerate(out):
+        inside = frame == cavity
+        area = inside.sum(axis=(0, 1))
+        slices = np.flatnonzero(area)
+        if slices.size < 2:
+            continue
+        half = slices.size // 2
+        from_base = slices if area[slices[:half]].sum() >= area[slices[-half:]].sum() else slices[::-1]
+        atrial = []
+        for z in from_base[:-1]:
+            if _enclosure(inside[:, :, z], frame[:, :, z], wall) >= min_enclosed:
+                break
+            atrial.append(int(z))
+        if not atrial or len(atrial) > half:
+            continue
+        for z in atrial:
+            frame[:, :, z][inside[:, :, z]] = 0
+        removed.extend((t, z) for z in atrial)
+    return out, removed
+

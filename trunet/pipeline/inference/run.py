@@ -24,7 +24,11 @@ from trunet.io.dicom_seg import write_dicom_seg
 from trunet.io.frames import check_frame_series
 from trunet.pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from trunet.pipeline.inference.frame_repair import repair_spoilt_frames
-from trunet.pipeline.inference.postprocess import keep_largest_components, probabilities_to_labels
+from trunet.pipeline.inference.postprocess import (
+    exclude_atrial_slices,
+    keep_largest_components,
+    probabilities_to_labels,
+)
 from trunet.pipeline.inference.predictor import Predictor, resolve_device
 from trunet.progress import is_terminal
 from trunet.transforms.compose import inference_transforms, invert_prediction
@@ -222,6 +226,9 @@ def _infer_config(payload: dict[str, Any], path: Path, **overrides: Any) -> Infe
         raise ConfigError(f"overlap must be in [0, 1), got {config.overlap}")
     if not 0.0 < config.repair_min_drop < 1.0:
         raise ConfigError(f"repair_min_drop must be in (0, 1) (Dice), got {config.repair_min_drop}")
+    if not 0.0 < config.min_enclosed <= 1.0:
+        raise ConfigError(f"min_enclosed must be in (0, 1] (a fraction of the LV cavity's outline), got "
+                          f"{config.min_enclosed}")
     if config.sw_batch_size < 1:
         raise ConfigError(f"sw_batch_size must be at least 1, got {config.sw_batch_size}")
     return config
@@ -236,6 +243,7 @@ def _predict_one(
     save_probabilities: bool,
     formats: Sequence[str] = ("nifti",),
     repair_min_drop: Optional[float] = None,
+    min_enclosed: Optional[float] = None,
 ) -> list[Path]:
     header = read_header(case.image)
     with unwrap_data_errors():  # MONAI's Compose wraps a DataError (NaN, truncated file) in a RuntimeError
@@ -267,6 +275,8 @@ def _predict_one(
     labels = probabilities_to_labels(inverted)
     if postprocess:
         labels = keep_largest_components(labels, classes=range(1, num_classes))
+    if min_enclosed is not None:
+        labels = _exclude_atrium(labels, predictor.classes, min_enclosed, case.case_id)
     targets = _output_paths(case, output_dir, predictor.classes, save_probabilities, formats)
     written = []
     if "nifti" in formats:
@@ -279,6 +289,18 @@ def _predict_one(
     for k, target in enumerate(targets):
         written.append(save_cine_like(inverted[:, k].numpy(), case.image, target, dtype=np.float32))
     return written
+
+
+def _exclude_atrium(labels: np.ndarray, classes: Sequence[str], min_enclosed: float, case_id: str) -> np.ndarray:
+    """:func:`exclude_atrial_slices` on ``(T, X, Y, Z)`` labels when the classes name an ``LV`` and a ``MYO``."""
+    if "LV" not in classes or "MYO" not in classes:
+        logger.debug("%s: no LV and MYO classes in %s: basal-slice rule not applied", case_id, list(classes))
+        return labels
+    labels, removed = exclude_atrial_slices(labels, classes.index("LV"), classes.index("MYO"), min_enclosed)
+    if removed:
+        logger.info("%s: basal LV cavity less than %.0f%% enclosed by myocardium (atrium) relabelled background "
+                    "at (frame, slice) %s", case_id, 100 * min_enclosed, removed)
+    return labels
 
 
 def _note_unseen_mirroring(payload: dict, config: Any, ckpt: Path) -> None:
@@ -303,6 +325,7 @@ def run_prediction(
     tta: Optional[bool] = None,
     postprocess: Optional[bool] = None,
     repair_frames: Optional[bool] = None,
+    exclude_atrium: Optional[bool] = None,
     save_probabilities: bool = False,
     cpu_bf16: Optional[bool] = None,
     output_formats: Sequence[str] = ("nifti",),
@@ -311,8 +334,8 @@ def run_prediction(
     """Segment every frame of the input scans with a checkpoint (``trunet predict``).
 
     Everything about the data (target spacing, normalisation, patch, time window, classes) comes from the
-    checkpoint; ``overlap``, ``sw_batch_size``, ``tta``, ``postprocess``, ``repair_frames`` and ``cpu_bf16``
-    override its ``infer`` settings when not ``None``.
+    checkpoint; ``overlap``, ``sw_batch_size``, ``tta``, ``postprocess``, ``repair_frames``,
+    ``exclude_atrium`` and ``cpu_bf16`` override its ``infer`` settings when not ``None``.
 
     Args:
         checkpoint: a ``.pt`` written by training (``RUN/checkpoints/best.pt``).
@@ -329,6 +352,9 @@ def run_prediction(
         repair_frames: replace the probabilities of frames whose segmentation breaks from their neighbours
             (spoilt frames: signal dropout, a mistriggered beat) by interpolation in time between the nearest
             clean frames (:mod:`trunet.pipeline.inference.frame_repair`); the repaired frames are logged.
+        exclude_atrium: the basal-slice rule: at the base, LV cavity less than ``infer.min_enclosed`` (one
+            half) surrounded by myocardium is atrium and becomes background
+            (:func:`~trunet.pipeline.inference.postprocess.exclude_atrial_slices`); the slices are logged.
         cpu_bf16: bf16 autocast on the CPU (default: the checkpoint's ``infer.cpu_bf16``, normally on exactly
             where the CPU has bf16 instructions).
         output_formats: ``"nifti"`` (the labels file above) and/or ``"dicom-seg"``: for a DICOM input, the
@@ -348,7 +374,7 @@ def run_prediction(
     payload = load_checkpoint(ckpt)
     preprocessing = _check_checkpoint(payload, ckpt)
     config = _infer_config(payload, ckpt, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, postprocess=postprocess,
-                           repair_frames=repair_frames, cpu_bf16=cpu_bf16)
+                           repair_frames=repair_frames, exclude_atrium=exclude_atrium, cpu_bf16=cpu_bf16)
     _note_unseen_mirroring(payload, config, ckpt)
     allow_3d = bool(preprocessing.get("allow_3d", False))
     out_dir = Path(output_dir)
@@ -374,7 +400,8 @@ def run_prediction(
     for case in cases:
         start = time.perf_counter()
         files = _predict_one(case, predictor, transforms, out_dir, config.postprocess, save_probabilities, formats,
-                             config.repair_min_drop if config.repair_frames else None)
+                             config.repair_min_drop if config.repair_frames else None,
+                             config.min_enclosed if config.exclude_atrium else None)
         meta = read_header(case.image)
         logger.info(
             "%s: %s x %d frames, %.1f s on %s%s -> %s",

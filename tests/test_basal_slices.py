@@ -1,0 +1,141 @@
+"""The basal-slice rule: LV cavity at the base that myocardium does not enclose is atrium."""
+
+from __future__ import annotations
+
+import logging
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from trunet.cli import main
+from trunet.data.phantom import simulate_case
+from trunet.errors import ConfigError
+from trunet.pipeline.checkpoint import load_checkpoint, save_checkpoint
+from trunet.pipeline.inference import Predictor, run_prediction
+from trunet.pipeline.inference.postprocess import exclude_atrial_slices
+
+from test_infer import write_checkpoint, write_cine
+
+RV, MYO, LV = 1, 2, 3
+
+
+def _disc(shape, centre, radius) -> np.ndarray:
+    xx, yy = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    return np.hypot(xx - centre[0], yy - centre[1]) <= radius
+
+
+def heart_stack(frames: int = 6, shape=(48, 48, 8), es: int = 3) -> np.ndarray:
+    """Labels ``(T, X, Y, Z)`` of a short-axis stack, base at z = 0, apex at the last slice: an LV cavity
+    in a myocardial ring beside an RV, narrowing towards the apex and smaller at ``es``. At ``es`` the base
+    has descended: slice 0 shows atrial blood, labelled LV as a network that mistakes it would label it,
+    with a third of a myocardial ring beside it."""
+    labels = np.zeros((frames, *shape), np.uint8)
+    for t in range(frames):
+        scale = 0.7 if t == es else 1.0
+        for z in range(shape[2]):
+            r = scale * 11 * (1 - z / (shape[2] + 2))
+            plane = np.zeros(shape[:2], np.uint8)
+            plane[_disc(shape, (36, 24), 0.8 * r)] = RV
+            plane[_disc(shape, (18, 24), r + 3)] = MYO
+            plane[_disc(shape, (18, 24), r)] = LV
+            labels[t, :, :, z] = plane
+    atrium = np.zeros(shape[:2], np.uint8)
+    xx, _ = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    atrium[_disc(shape, (18, 24), 10) & (xx > 24)] = MYO  # a wall fragment on one side
+    atrium[_disc(shape, (18, 24), 7)] = LV
+    labels[es, :, :, 0] = atrium
+    return labels
+
+
+def test_an_atrial_basal_slice_becomes_background_and_nothing_else_changes():
+    labels = heart_stack()
+    out, removed = exclude_atrial_slices(labels, LV, MYO)
+    assert removed == [(3, 0)]
+    assert (out[3, :, :, 0] == LV).sum() == 0
+    assert (out[3, :, :, 0] == MYO).sum() == (labels[3, :, :, 0] == MYO).sum()  # other labels stay
+    changed = out != labels
+    changed[3, :, :, 0] = False
+    assert not changed.any()
+    assert labels[3, :, :, 0].max() == LV  # the input is not modified
+
+
+def test_the_base_is_found_at_either_end_of_the_stack():
+    flipped = np.flip(heart_stack(), axis=-1)
+    out, removed = exclude_atrial_slices(flipped, LV, MYO)
+    assert removed == [(3, 7)]
+    single, removed_single = exclude_atrial_slices(flipped[3], LV, MYO)
+    assert removed_single == [(0, 7)]
+    np.testing.assert_array_equal(single, out[3])
+
+
+def test_the_apex_and_mid_ventricle_are_never_touched():
+    labels = heart_stack()
+    labels[:, :, :, 7][labels[:, :, :, 7] == MYO] = 0  # apical cavity with no wall around it
+    labels[1, 30:, :, 4][labels[1, 30:, :, 4] == MYO] = 0  # a mid slice with a broken wall
+    out, removed = exclude_atrial_slices(labels, LV, MYO)
+    assert removed == [(3, 0)]
+    assert (out[:, :, :, 7] == labels[:, :, :, 7]).all() and (out[1] == labels[1]).all()
+
+
+def test_a_failed_myocardium_is_not_taken_for_an_atrium():
+    labels = heart_stack()
+    labels[2][labels[2] == MYO] = 0  # no wall anywhere in frame 2: the rule would take most of it
+    out, removed = exclude_atrial_slices(labels, LV, MYO)
+    assert removed == [(3, 0)]
+    np.testing.assert_array_equal(out[2], labels[2])
+    with pytest.raises(ValueError, match="min_enclosed"):
+        exclude_atrial_slices(labels, LV, MYO, min_enclosed=0.0)
+    with pytest.raises(ValueError, match=r"\(T, X, Y, Z\)"):
+        exclude_atrial_slices(labels[0, 0], LV, MYO)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_the_phantoms_reference_labels_pass_the_rule_in_every_frame(index):
+    """Where the labels are right, nothing is removed: the rule matches how the reference is drawn."""
+    case = simulate_case(seed=1000, index=index)
+    labels = np.moveaxis(case.label, -1, 0)
+    _, removed = exclude_atrial_slices(labels, LV, MYO)
+    assert removed == []
+
+
+def _atrium_network(monkeypatch) -> None:
+    """``Predictor.predict_case`` replaced by :func:`heart_stack` on the case's grid (atrium at frame 3)."""
+
+    def predict_case(self, image, description=None):
+        frames, *spatial = image.shape
+        labels = np.zeros((frames, *spatial), np.uint8)
+        heart = heart_stack(frames, shape=(48, 48, 8))
+        labels[:, :48, :48, :8] = heart[:, : spatial[0], : spatial[1], : spatial[2]]
+        one_hot = np.moveaxis(np.eye(4, dtype=np.float32)[labels], -1, 1)
+        return torch.from_numpy(0.9 * one_hot + 0.025)[None]
+
+    monkeypatch.setattr(Predictor, "predict_case", predict_case)
+
+
+def test_predict_applies_the_rule_says_so_and_can_keep_the_atrium(tmp_path, monkeypatch, caplog):
+    checkpoint = write_checkpoint(tmp_path / "model.pt", target_spacing=(3.0, 3.0, 8.0))
+    image = write_cine(tmp_path / "in" / "case_4d.nii.gz", shape=(48, 48, 8, 6))
+    _atrium_network(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="trunet.pipeline.inference"):
+        (seg,) = run_prediction(checkpoint, image, tmp_path / "rule", device="cpu", repair_frames=False)
+    assert "relabelled background at (frame, slice) [(3, 0)]" in caplog.text
+    ruled = np.asarray(nib.load(seg).dataobj)
+    assert (ruled[:, :, 0, 3] == LV).sum() == 0 and (ruled[:, :, 1, 3] == LV).sum() > 0
+
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(image), "--output",
+                 str(tmp_path / "kept"), "--device", "cpu", "--no-repair-frames", "--keep-atrium"]) == 0
+    kept = np.asarray(nib.load(tmp_path / "kept" / "case_seg.nii.gz").dataobj)
+    assert (kept[:, :, 0, 3] == LV).sum() > 0
+    kept[:, :, 0, 3][kept[:, :, 0, 3] == LV] = 0
+    np.testing.assert_array_equal(kept, ruled)
+
+
+def test_an_enclosure_threshold_outside_a_fraction_is_refused(tmp_path):
+    payload = load_checkpoint(write_checkpoint(tmp_path / "model.pt"))
+    payload["config"]["infer"]["min_enclosed"] = 1.5
+    checkpoint = save_checkpoint(tmp_path / "bad.pt", payload)
+    image = write_cine(tmp_path / "in" / "case_4d.nii.gz")
+    with pytest.raises(ConfigError, match="min_enclosed"):
+        run_prediction(checkpoint, image, tmp_path / "out", device="cpu")
