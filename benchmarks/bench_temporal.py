@@ -28,7 +28,10 @@ Variants (``--variants``), each ``configs/demo.yaml`` plus overrides:
   (``train.consistency_weight``); ``<variant>+smooth`` smooths any variant's probabilities as
   ``frame+smooth`` does; ``<variant>+repair`` is the variant predicted with ``infer.repair_frames`` on
   (spoilt frames found by their disagreement with their neighbours and interpolated from clean ones,
-  :mod:`trunet.pipeline.inference.frame_repair`).
+  :mod:`trunet.pipeline.inference.frame_repair`); ``<variant>+basal`` with ``infer.exclude_atrium`` on
+  (basal LV cavity that myocardium does not enclose is atrium,
+  :func:`trunet.pipeline.inference.postprocess.exclude_atrial_slices`); ``<variant>+default`` with both, as
+  ``trunet predict`` runs by default. Every other variant is predicted with both off: the network's masks.
 
 All variants are predicted in float32 (``cpu_bf16=False``), so the table compares models, not precisions.
 
@@ -206,8 +209,10 @@ def score(pred: np.ndarray, ref: np.ndarray, case: dict, spacing) -> dict:
             "rough": rough(vp[:, 3]), "rough_ref": rough(vr[:, 3])}
 
 
-POSTPROCESSING = ("+smooth", "+repair")
-"""Suffixes of a variant name: the source variant's predictions post-processed over time."""
+POSTPROCESSING = ("+smooth", "+repair", "+basal", "+default")
+"""Suffixes of a variant name: the source variant's predictions post-processed (over time, or at the base)."""
+PREDICT_OPTIONS = {"+repair": (True, False), "+basal": (False, True), "+default": (True, True)}
+"""``trunet predict`` options per suffix: ``(infer.repair_frames, infer.exclude_atrium)``; both off otherwise."""
 
 
 def split_variant(variant: str) -> tuple[str, str]:
@@ -221,13 +226,14 @@ def split_variant(variant: str) -> tuple[str, str]:
 def evaluate_variant(work: Path, variant: str, scenarios: dict[str, dict], sigma: float,
                      probabilities: bool = False) -> dict[str, dict]:
     """Scores of one variant per scenario; ``probabilities``: save them when predicting (a ``+smooth``
-    variant of the same model follows). A ``+repair`` variant is the source checkpoint predicted by
-    ``trunet predict``'s own path with ``infer.repair_frames`` on; every other variant is predicted with it off."""
+    variant of the same model follows). A ``+repair``, ``+basal`` or ``+default`` variant is the source
+    checkpoint predicted by ``trunet predict``'s own path with the options of :data:`PREDICT_OPTIONS`; every
+    other variant is predicted with both off."""
     source, post = split_variant(variant)
     ckpt = work / "runs" / source / "checkpoints" / "best.pt"
     results = {}
     for scenario, cases in scenarios.items():
-        pred_dir = work / "pred" / (variant if post == "+repair" else source) / scenario
+        pred_dir = work / "pred" / (variant if post in PREDICT_OPTIONS else source) / scenario
         needed = [f"{cid}_seg.nii.gz" for cid in cases]
         if post == "+smooth":  # the probabilities too (saved by any variant's prediction when asked)
             needed += [f"{cid}_prob_0_background.nii.gz" for cid in cases]
@@ -236,7 +242,8 @@ def evaluate_variant(work: Path, variant: str, scenarios: dict[str, dict], sigma
                 subprocess.call(["rm", "-rf", str(pred_dir)])
             run_prediction(ckpt, work / "scenarios" / scenario, pred_dir,
                            save_probabilities=post == "+smooth" or (probabilities and not post),
-                           repair_frames=post == "+repair", cpu_bf16=False)
+                           repair_frames=PREDICT_OPTIONS.get(post, (False, False))[0],
+                           exclude_atrium=PREDICT_OPTIONS.get(post, (False, False))[1], cpu_bf16=False)
         rows = []
         for cid, case in cases.items():
             ref = _reference(case["label"])
