@@ -7,16 +7,13 @@ import logging
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from trunet.cli import main
 from trunet.data.phantom import simulate_case
-from trunet.errors import ConfigError
-from trunet.pipeline.checkpoint import load_checkpoint, save_checkpoint
-from trunet.pipeline.inference import Predictor, run_prediction
+from trunet.pipeline.inference import run_prediction
 from trunet.pipeline.inference.postprocess import exclude_atrial_slices
 
-from test_infer import write_checkpoint, write_cine
+from test_infer import fixed_network_case
 
 RV, MYO, LV = 1, 2, 3
 
@@ -100,24 +97,15 @@ def test_the_phantoms_reference_labels_pass_the_rule_in_every_frame(index):
     assert removed == []
 
 
-def _atrium_network(monkeypatch) -> None:
-    """``Predictor.predict_case`` replaced by :func:`heart_stack` on the case's grid (atrium at frame 3)."""
-
-    def predict_case(self, image, description=None):
-        frames, *spatial = image.shape
-        labels = np.zeros((frames, *spatial), np.uint8)
-        heart = heart_stack(frames, shape=(48, 48, 8))
-        labels[:, :48, :48, :8] = heart[:, : spatial[0], : spatial[1], : spatial[2]]
-        one_hot = np.moveaxis(np.eye(4, dtype=np.float32)[labels], -1, 1)
-        return torch.from_numpy(0.9 * one_hot + 0.025)[None]
-
-    monkeypatch.setattr(Predictor, "predict_case", predict_case)
+def _atrium_series(frames: int, spatial: tuple[int, int, int]) -> np.ndarray:
+    """:func:`heart_stack` on the case's grid (atrium at frame 3, slice 0)."""
+    labels = np.zeros((frames, *spatial), np.uint8)
+    labels[:, :48, :48, :8] = heart_stack(frames, shape=(48, 48, 8))[:, : spatial[0], : spatial[1], : spatial[2]]
+    return labels
 
 
 def test_predict_applies_the_rule_says_so_and_can_keep_the_atrium(tmp_path, monkeypatch, caplog):
-    checkpoint = write_checkpoint(tmp_path / "model.pt", target_spacing=(3.0, 3.0, 8.0))
-    image = write_cine(tmp_path / "in" / "case_4d.nii.gz", shape=(48, 48, 8, 6))
-    _atrium_network(monkeypatch)
+    checkpoint, image = fixed_network_case(tmp_path, monkeypatch, _atrium_series, shape=(48, 48, 8, 6))
     with caplog.at_level(logging.INFO, logger="trunet.pipeline.inference"):
         (seg,) = run_prediction(checkpoint, image, tmp_path / "rule", device="cpu", repair_frames=False)
     assert "relabelled background at (frame, slice) [(3, 0)]" in caplog.text
@@ -130,12 +118,3 @@ def test_predict_applies_the_rule_says_so_and_can_keep_the_atrium(tmp_path, monk
     assert (kept[:, :, 0, 3] == LV).sum() > 0
     kept[:, :, 0, 3][kept[:, :, 0, 3] == LV] = 0
     np.testing.assert_array_equal(kept, ruled)
-
-
-def test_an_enclosure_threshold_outside_a_fraction_is_refused(tmp_path):
-    payload = load_checkpoint(write_checkpoint(tmp_path / "model.pt"))
-    payload["config"]["infer"]["min_enclosed"] = 1.5
-    checkpoint = save_checkpoint(tmp_path / "bad.pt", payload)
-    image = write_cine(tmp_path / "in" / "case_4d.nii.gz")
-    with pytest.raises(ConfigError, match="min_enclosed"):
-        run_prediction(checkpoint, image, tmp_path / "out", device="cpu")

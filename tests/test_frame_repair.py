@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -11,12 +10,10 @@ import pytest
 import torch
 
 from trunet.cli import main
-from trunet.errors import ConfigError
-from trunet.pipeline.checkpoint import load_checkpoint, save_checkpoint
-from trunet.pipeline.inference import Predictor, run_prediction
+from trunet.pipeline.inference import run_prediction
 from trunet.pipeline.inference.frame_repair import repair_spoilt_frames
 
-from test_infer import _dice, write_checkpoint, write_cine
+from test_infer import _dice, fixed_network_case
 
 
 def beating_heart(frames: int, shape=(48, 48, 2), motion: float = 5.0) -> np.ndarray:
@@ -98,25 +95,18 @@ def test_too_short_a_series_and_bad_arguments():
         repair_spoilt_frames(probabilities(beating_heart(8)), min_drop=0)
 
 
-def _spoilt_series_network(monkeypatch) -> None:
-    """``Predictor.predict_case`` replaced by a beating heart on the case's grid with frame 4 spoilt."""
-
-    def predict_case(self, image, description=None):
-        frames, *spatial = image.shape
-        labels = np.zeros((frames, *spatial), np.uint8)
-        heart = beating_heart(frames)
-        labels[:, : min(48, spatial[0]), : min(48, spatial[1]), : min(2, spatial[2])] = \
-            heart[:, : spatial[0], : spatial[1], : spatial[2]]
-        labels[4] = 0
-        return probabilities(labels)[None]
-
-    monkeypatch.setattr(Predictor, "predict_case", predict_case)
+def _spoilt_series(frames: int, spatial: tuple[int, int, int]) -> np.ndarray:
+    """A beating heart on the case's grid with frame 4 spoilt (all background)."""
+    labels = np.zeros((frames, *spatial), np.uint8)
+    heart = beating_heart(frames)
+    labels[:, : min(48, spatial[0]), : min(48, spatial[1]), : min(2, spatial[2])] = \
+        heart[:, : spatial[0], : spatial[1], : spatial[2]]
+    labels[4] = 0
+    return labels
 
 
 def test_predict_repairs_a_spoilt_frame_and_says_so(tmp_path, monkeypatch, caplog):
-    checkpoint = write_checkpoint(tmp_path / "model.pt", target_spacing=(3.0, 3.0, 8.0))
-    image = write_cine(tmp_path / "in" / "case_4d.nii.gz", shape=(48, 48, 2, 12))
-    _spoilt_series_network(monkeypatch)
+    checkpoint, image = fixed_network_case(tmp_path, monkeypatch, _spoilt_series, shape=(48, 48, 2, 12))
     with caplog.at_level(logging.INFO, logger="trunet.pipeline.inference"):
         (seg,) = run_prediction(checkpoint, image, tmp_path / "repaired", device="cpu")
     assert "case: frames [4] break from their neighbours" in caplog.text
@@ -129,12 +119,3 @@ def test_predict_repairs_a_spoilt_frame_and_says_so(tmp_path, monkeypatch, caplo
     kept = np.asarray(nib.load(tmp_path / "as-segmented" / "case_seg.nii.gz").dataobj)
     assert (kept[..., 4] > 0).sum() == 0  # the spoilt frame as the network gave it
     np.testing.assert_array_equal(np.delete(kept, 4, axis=-1), np.delete(repaired, 4, axis=-1))
-
-
-def test_a_repair_threshold_outside_dice_is_refused(tmp_path):
-    payload = load_checkpoint(write_checkpoint(tmp_path / "model.pt"))
-    payload["config"]["infer"]["repair_min_drop"] = 1.5
-    checkpoint = save_checkpoint(tmp_path / "bad.pt", payload)
-    image = write_cine(tmp_path / "in" / "case_4d.nii.gz")
-    with pytest.raises(ConfigError, match="repair_min_drop"):
-        run_prediction(checkpoint, image, tmp_path / "out", device="cpu")

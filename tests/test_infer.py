@@ -14,10 +14,16 @@ import torch
 from nibabel.testing import data_path as nibabel_data_path
 
 from trunet.cli import main
-from trunet.errors import CheckpointError, DataError
+from trunet.errors import CheckpointError, ConfigError, DataError
 from trunet.io import read_header
 from trunet.models import TimeResolvedUNet
-from trunet.pipeline.checkpoint import inference_payload, model_from_hparams, model_hparams, save_checkpoint
+from trunet.pipeline.checkpoint import (
+    inference_payload,
+    load_checkpoint,
+    model_from_hparams,
+    model_hparams,
+    save_checkpoint,
+)
 from trunet.config import InferConfig, config_from_dict
 from trunet.pipeline.inference import Predictor, find_inputs, run_prediction, time_windows
 from trunet.pipeline.inference.postprocess import keep_largest_components, probabilities_to_labels
@@ -286,6 +292,33 @@ def write_checkpoint(path: Path, target_spacing=(6.0, 6.0, 6.6), **payload_chang
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def fixed_network_case(tmp_path: Path, monkeypatch, labels_for, shape) -> tuple[Path, Path]:
+    """A checkpoint and a cine of ``shape`` ``(x, y, z, t)`` whose network gives a fixed segmentation:
+    ``Predictor.predict_case`` is replaced by ``labels_for(frames, (X, Y, Z))`` (uint8 labels ``(T, X, Y, Z)``
+    in 0..3 on the model's grid) as confident probabilities ``(1, T, 4, X, Y, Z)``. Returns
+    ``(checkpoint, image)``."""
+
+    def predict_case(self, image, description=None):
+        frames, *spatial = image.shape
+        one_hot = np.moveaxis(np.eye(4, dtype=np.float32)[labels_for(frames, tuple(spatial))], -1, 1)
+        return torch.from_numpy(0.9 * one_hot + 0.025)[None]
+
+    monkeypatch.setattr(Predictor, "predict_case", predict_case)
+    checkpoint = write_checkpoint(tmp_path / "model.pt", target_spacing=(3.0, 3.0, 8.0))
+    return checkpoint, write_cine(tmp_path / "in" / "case_4d.nii.gz", shape=shape)
+
+
+@pytest.mark.parametrize("key, value", [("repair_min_drop", 1.5), ("repair_min_drop", 0.0),
+                                        ("min_enclosed", 1.5), ("min_enclosed", 0.0)])
+def test_an_infer_threshold_out_of_range_is_refused(tmp_path, key, value):
+    payload = load_checkpoint(write_checkpoint(tmp_path / "model.pt"))
+    payload["config"]["infer"][key] = value
+    checkpoint = save_checkpoint(tmp_path / "bad.pt", payload)
+    image = write_cine(tmp_path / "in" / "case_4d.nii.gz")
+    with pytest.raises(ConfigError, match=key):
+        run_prediction(checkpoint, image, tmp_path / "out", device="cpu")
 
 
 def write_cine(path: Path, shape=(20, 16, 6, 3), affine=None, time_step=25.0) -> Path:
