@@ -186,8 +186,8 @@ class TimeResolvedUNet(nn.Module):
             x: ``(B, T, C, X, Y, Z)``.
             decode: optional ``(B, T)`` bool: decode these frames only, after the ConvLSTMs have seen them
                 all. Training on ED/ES labels needs the logits of the labelled frames only (one or two of a
-                window's ``T``); the decoder is most of a step's work, so skipping the others saves about
-                a third of it (BENCHMARKS.md, "Model"). Same logits for the frames kept as a full forward.
+                window's ``T``); the decoder is most of a step's work, so a step runs 1.4-1.7x faster
+                (BENCHMARKS.md, "Model"). Same logits for the frames kept as a full forward.
 
         Returns:
             ``(B, T, K, X, Y, Z)`` (a list of resolutions with deep supervision in training mode); with
