@@ -212,7 +212,8 @@ def score(pred: np.ndarray, ref: np.ndarray, case: dict, spacing) -> dict:
 POSTPROCESSING = ("+smooth", "+repair", "+basal", "+default")
 """Suffixes of a variant name: the source variant's predictions post-processed (over time, or at the base)."""
 PREDICT_OPTIONS = {"+repair": (True, False), "+basal": (False, True), "+default": (True, True)}
-"""``trunet predict`` options per suffix: ``(infer.repair_frames, infer.exclude_atrium)``; both off otherwise."""
+"""``trunet predict`` options per suffix: ``(infer.repair_frames, infer.exclude_atrium)``; both off
+otherwise."""
 
 
 def split_variant(variant: str) -> tuple[str, str]:

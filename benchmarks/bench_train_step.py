@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest()
     times: dict[str, list[float]] = {"labelled frames decoded": [], "every frame decoded": []}
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {name: bare_trainer(config, device, Path(tmp) / str(i), amp) for i, name in enumerate(times)}
+        trainers = {name: bare_trainer(config, device, Path(tmp) / str(i), amp)
+                    for i, name in enumerate(times)}
         for trainer in trainers.values():  # same start weights: compare the losses of the first step
             trainer.model.load_state_dict(trainers["every frame decoded"].model.state_dict())
         losses = {name: trainers[name].step(batch, stop)[0]
@@ -83,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
                     times[name].append(time.perf_counter() - start)
     t = config.train
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s), "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{args.threads} thread(s), "
           f"{platform.platform()}; device {device}; autocast {amp}")
     print(f"date: {datetime.datetime.now():%Y-%m-%d %H:%M}")
-    shown = args.config.resolve().relative_to(REPO) if args.config.resolve().is_relative_to(REPO) else args.config
+    resolved = args.config.resolve()
+    shown = resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else args.config
     print(f"config: {shown} {' '.join(args.overrides)}: batch {t.batch_size} x window {t.time_window} x "
           f"patch {tuple(t.patch_size)}, one labelled frame per sample; median of {args.steps} steps after "
           f"{args.warmup}")

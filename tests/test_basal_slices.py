@@ -100,7 +100,8 @@ def test_the_phantoms_reference_labels_pass_the_rule_in_every_frame(index):
 def _atrium_series(frames: int, spatial: tuple[int, int, int]) -> np.ndarray:
     """:func:`heart_stack` on the case's grid (atrium at frame 3, slice 0)."""
     labels = np.zeros((frames, *spatial), np.uint8)
-    labels[:, :48, :48, :8] = heart_stack(frames, shape=(48, 48, 8))[:, : spatial[0], : spatial[1], : spatial[2]]
+    heart = heart_stack(frames, shape=(48, 48, 8))
+    labels[:, :48, :48, :8] = heart[:, : spatial[0], : spatial[1], : spatial[2]]
     return labels
 
 

@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every frame as segmented (default: frames whose masks break from their neighbours, "
                         "spoilt frames, are interpolated from the nearest clean ones and logged)")
     p.add_argument("--keep-atrium", action="store_true",
-                   help="keep basal LV cavity that is less than half enclosed by myocardium (default: it is atrium, "
-                        "the SCMR basal-slice rule, and becomes background; the slices are logged)")
+                   help="keep basal LV cavity that is less than half enclosed by myocardium (default: it is "
+                        "atrium, the SCMR basal-slice rule, and becomes background; the slices are logged)")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>_prob_<k>_<class>.nii.gz (float32, one 4D file per class)")
     p.add_argument("--cpu-precision", choices=["bf16", "float32"], default=None,
                    help="precision of the network on the CPU (default: bf16 where the CPU has bf16 instructions, "

@@ -199,7 +199,7 @@ class InferConfig:
     postprocess: bool = True
     repair_frames: bool = True  # interpolate frames whose masks break from their neighbours (spoilt frames)
     repair_min_drop: float = 0.1  # Dice below the series' typical agreement for a frame to count as spoilt
-    exclude_atrium: bool = True  # basal slices whose LV cavity is < min_enclosed surrounded by MYO: atrium (SCMR)
+    exclude_atrium: bool = True  # basal LV cavity < min_enclosed surrounded by MYO is atrium (SCMR)
     min_enclosed: float = 0.5  # fraction of the LV cavity's outline that must be myocardium at the base
     cyclic: bool = False  # the cine is one heartbeat: wrap frames around its ends so the first and last see neighbours
     cpu_stitch_voxels: int = 64_000_000  # stitch on the CPU above this many output voxels

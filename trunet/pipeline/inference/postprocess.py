@@ -28,7 +28,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["probabilities_to_labels", "keep_largest_component", "keep_largest_components", "exclude_atrial_slices"]
+__all__ = [
+    "probabilities_to_labels",
+    "keep_largest_component",
+    "keep_largest_components",
+    "exclude_atrial_slices",
+]
 
 # Full (26-) connectivity in 3D, MONAI's default (``connectivity=None``): voxels touching at an edge or a
 # corner belong together. On anisotropic cine MRI (thick slices) this keeps a structure whose slices are
@@ -105,7 +110,8 @@ _CROSS_2D = ndimage.generate_binary_structure(2, 1)  # the 4 in-plane neighbours
 
 
 def _enclosure(cavity: np.ndarray, frame_slice: np.ndarray, wall: int) -> float:
-    """Fraction of the pixels just outside ``cavity`` ``(X, Y)`` (its 4-connected outer ring) labelled ``wall``."""
+    """Fraction of the pixels just outside ``cavity`` ``(X, Y)`` (its 4-connected outer ring) that are
+    ``wall``."""
     ring = ndimage.binary_dilation(cavity, _CROSS_2D) & ~cavity
     return float((frame_slice[ring] == wall).mean()) if ring.any() else 1.0
 
@@ -167,4 +173,3 @@ def exclude_atrial_slices(
             frame[:, :, z][inside[:, :, z]] = 0
         removed.extend((t, z) for z in atrial)
     return out, removed
-

@@ -291,15 +291,18 @@ def _predict_one(
     return written
 
 
-def _exclude_atrium(labels: np.ndarray, classes: Sequence[str], min_enclosed: float, case_id: str) -> np.ndarray:
-    """:func:`exclude_atrial_slices` on ``(T, X, Y, Z)`` labels when the classes name an ``LV`` and a ``MYO``."""
+def _exclude_atrium(
+    labels: np.ndarray, classes: Sequence[str], min_enclosed: float, case_id: str
+) -> np.ndarray:
+    """:func:`exclude_atrial_slices` on ``(T, X, Y, Z)`` labels when the classes name an ``LV`` and a
+    ``MYO``."""
     if "LV" not in classes or "MYO" not in classes:
         logger.debug("%s: no LV and MYO classes in %s: basal-slice rule not applied", case_id, list(classes))
         return labels
     labels, removed = exclude_atrial_slices(labels, classes.index("LV"), classes.index("MYO"), min_enclosed)
     if removed:
-        logger.info("%s: basal LV cavity less than %.0f%% enclosed by myocardium (atrium) relabelled background "
-                    "at (frame, slice) %s", case_id, 100 * min_enclosed, removed)
+        logger.info("%s: basal LV cavity less than %.0f%% enclosed by myocardium (atrium) relabelled "
+                    "background at (frame, slice) %s", case_id, 100 * min_enclosed, removed)
     return labels
 
 
