@@ -241,10 +241,10 @@ def evaluate_variant(work: Path, variant: str, scenarios: dict[str, dict], sigma
         if not all((pred_dir / name).is_file() for name in needed):
             if pred_dir.exists():
                 subprocess.call(["rm", "-rf", str(pred_dir)])
+            repair, atrium = PREDICT_OPTIONS.get(post, (False, False))
             run_prediction(ckpt, work / "scenarios" / scenario, pred_dir,
                            save_probabilities=post == "+smooth" or (probabilities and not post),
-                           repair_frames=PREDICT_OPTIONS.get(post, (False, False))[0],
-                           exclude_atrium=PREDICT_OPTIONS.get(post, (False, False))[1], cpu_bf16=False)
+                           repair_frames=repair, exclude_atrium=atrium, cpu_bf16=False)
         rows = []
         for cid, case in cases.items():
             ref = _reference(case["label"])

@@ -307,13 +307,13 @@ class Trainer:
         frame_mask = batch["frame_mask"].to(self.device, non_blocking=True).bool()
         self.train_model.train()
         consistency = self.t.consistency_weight > 0 and CLEAN_IMAGE in batch
-        if consistency or not bool(frame_mask.any()):
-            with self._autocast():
-                outputs = self.train_model(image)
-        else:  # the labelled frames only reach the decoder (same loss and gradients, a cheaper step)
-            with self._autocast():
-                outputs = self.train_model(image, decode=frame_mask)
-            label = label.flatten(0, 1)[frame_mask.reshape(-1)].unsqueeze(0)  # (1, N, X, Y, Z)
+        # the labelled frames only reach the decoder (same loss and gradients, a cheaper step); the
+        # consistency loss needs every frame
+        decode = None if consistency or not bool(frame_mask.any()) else frame_mask
+        with self._autocast():
+            outputs = self.train_model(image, decode=decode)
+        if decode is not None:
+            label = label.flatten(0, 1)[decode.reshape(-1)].unsqueeze(0)  # (1, N, X, Y, Z)
             frame_mask = frame_mask.new_ones(label.shape[:2])
         loss = self.criterion(outputs, label, frame_mask)
         if consistency:
