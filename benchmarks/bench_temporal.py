@@ -22,6 +22,9 @@ Variants (``--variants``), each ``configs/demo.yaml`` plus overrides:
   ``shipped`` is (no frame corruption);
 * ``frame+smooth``: ``frame``'s probabilities smoothed over time (Gaussian, sigma ``--smooth-sigma``
   frames, cyclic) before the arg-max: the cheap thing a user tries first (no extra training);
+* ``bottleneck``: the shipped config's one ConvLSTM (bottleneck, full width) made bidirectional, trained
+  on the recipe's corrupted frames, cyclic inference: the time recipe at the shipped config's cost; its
+  frame-by-frame twin is ``frame``;
 * ``causal``: the recipe with unidirectional ConvLSTMs (the streaming form);
 * ``temporal-full``: the recipe with full-width ConvLSTM states (``model.clstm_reduction=1``);
 * ``temporal-cons`` / ``frame-cons``: ``temporal`` / ``frame`` plus the corruption-consistency loss
@@ -44,8 +47,12 @@ Usage (the figures in BENCHMARKS.md; about an hour on a 2-core CPU)::
 
     python benchmarks/bench_temporal.py --work bench-temporal
     python benchmarks/bench_temporal.py --work bench-temporal --variants frame,temporal  # a subset
+    python benchmarks/bench_temporal.py --work bench-temporal --train-seeds 0,1  # each variant trained twice
 
 A variant whose run folder already has ``checkpoints/best.pt`` is not retrained (``--retrain`` forces it).
+With ``--train-seeds`` every variant is trained once per seed (``train.seed``; seed ``k > 0`` runs in
+``runs/<variant>-seed<k>``): one training run is one draw of the batches and the initial weights, and two
+variants that differ by less than two seeds of one variant differ do not differ.
 """
 
 from __future__ import annotations
@@ -98,6 +105,7 @@ VARIANTS = {
     "temporal": RECIPE,
     "frame": [*RECIPE, "model.clstm_levels=[]"],
     "shipped-frame": ["model.clstm_levels=[]"],
+    "bottleneck": ["model.bidirectional=true", "train.augment.corrupt_prob=0.25", "infer.cyclic=true"],
     "causal": [*RECIPE, "model.bidirectional=false"],
     "temporal-full": [*RECIPE, "model.clstm_reduction=1"],
     "temporal-cons": [*RECIPE, *CONSISTENCY],
@@ -153,17 +161,26 @@ def make_scenarios(work: Path, test: Path, seed: int) -> dict[str, dict]:
     return out
 
 
-def train_variant(work: Path, name: str, config: Path, train: Path, extra: list[str], retrain: bool) -> float | None:
-    run_dir = work / "runs" / name
+def seeded(name: str, seed: int) -> str:
+    """Folder name of a variant's run (and predictions) trained with ``train.seed=seed``: seed 0, the
+    config's own, keeps the plain name, so folders of single-seed runs are reused."""
+    return name if seed == 0 else f"{name}-seed{seed}"
+
+
+def train_variant(work: Path, name: str, config: Path, train: Path, extra: list[str], retrain: bool,
+                  seed: int = 0) -> float | None:
+    run_dir = work / "runs" / seeded(name, seed)
     best = run_dir / "checkpoints" / "best.pt"
     timing = run_dir / "train_seconds.txt"
     if best.is_file() and not retrain:
         return float(timing.read_text()) if timing.is_file() else None
     if run_dir.exists():
         subprocess.call(["rm", "-rf", str(run_dir)])
+    seed_override = [f"train.seed={seed}"] if seed else []
     seconds = _run([sys.executable, "-m", "trunet", "train", "--config", str(config), "--data", str(train),
-                    "--run-dir", str(run_dir), "tracking.wandb.mode=disabled", *VARIANTS[name], *extra],
-                   work / f"train-{name}.log")
+                    "--run-dir", str(run_dir), "tracking.wandb.mode=disabled", *VARIANTS[name], *extra,
+                    *seed_override],
+                   work / f"train-{seeded(name, seed)}.log")
     timing.write_text(f"{seconds:.1f}\n")
     return seconds
 
@@ -225,16 +242,16 @@ def split_variant(variant: str) -> tuple[str, str]:
 
 
 def evaluate_variant(work: Path, variant: str, scenarios: dict[str, dict], sigma: float,
-                     probabilities: bool = False) -> dict[str, dict]:
-    """Scores of one variant per scenario; ``probabilities``: save them when predicting (a ``+smooth``
-    variant of the same model follows). A ``+repair``, ``+basal`` or ``+default`` variant is the source
-    checkpoint predicted by ``trunet predict``'s own path with the options of :data:`PREDICT_OPTIONS`; every
-    other variant is predicted with both off."""
+                     probabilities: bool = False, seed: int = 0) -> dict[str, dict]:
+    """Scores of one variant (its model trained with ``train.seed=seed``) per scenario; ``probabilities``:
+    save them when predicting (a ``+smooth`` variant of the same model follows). A ``+repair``, ``+basal`` or
+    ``+default`` variant is the source checkpoint predicted by ``trunet predict``'s own path with the options
+    of :data:`PREDICT_OPTIONS`; every other variant is predicted with both off."""
     source, post = split_variant(variant)
-    ckpt = work / "runs" / source / "checkpoints" / "best.pt"
+    ckpt = work / "runs" / seeded(source, seed) / "checkpoints" / "best.pt"
     results = {}
     for scenario, cases in scenarios.items():
-        pred_dir = work / "pred" / (variant if post in PREDICT_OPTIONS else source) / scenario
+        pred_dir = work / "pred" / seeded(variant if post in PREDICT_OPTIONS else source, seed) / scenario
         needed = [f"{cid}_seg.nii.gz" for cid in cases]
         if post == "+smooth":  # the probabilities too (saved by any variant's prediction when asked)
             needed += [f"{cid}_prob_0_background.nii.gz" for cid in cases]
@@ -277,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smooth-sigma", type=float, default=1.0, help="frame+smooth: Gaussian sigma in frames")
     parser.add_argument("--seed", type=int, default=0, help="corruption seed")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of: " + ", ".join(SCENARIOS))
+    parser.add_argument("--train-seeds", default="0",
+                        help="comma-separated training seeds (train.seed): every variant is trained once per "
+                             "seed; the table gives the mean over seeds, and a second table each seed's row")
     parser.add_argument("--retrain", action="store_true", help="train even where a checkpoint exists")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every variant's training")
     args = parser.parse_args(argv)
@@ -288,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     for v in [v for v in variants if split_variant(v)[1]]:
         if split_variant(v)[0] not in variants:
             variants.insert(0, split_variant(v)[0])
+    try:
+        seeds = sorted({int(x) for x in args.train_seeds.split(",") if x.strip()})
+    except ValueError:
+        parser.error(f"--train-seeds: comma-separated integers, got {args.train_seeds!r}")
+    if not seeds or min(seeds) < 0:
+        parser.error(f"--train-seeds: one or more integers >= 0, got {args.train_seeds!r}")
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if not chosen or any(s not in SCENARIOS for s in chosen):
         parser.error(f"--scenarios: choose from {list(SCENARIOS)}, got {args.scenarios!r}")
@@ -302,29 +328,47 @@ def main(argv: list[str] | None = None) -> int:
         n_corr = sum(len(c["corrupted"]) for c in cases.values())
         print(f"scenario {name}: {len(cases)} cines, {n_corr} corrupted frames")
 
-    seconds: dict[str, float | None] = {}
+    seconds: dict[str, dict[int, float | None]] = {}
     for v in variants:
         if v in VARIANTS:
-            seconds[v] = train_variant(args.work, v, args.config, train, args.overrides, args.retrain)
-            print(f"trained {v}: {seconds[v]:.0f} s" if seconds[v] else f"trained {v}: reused", flush=True)
+            seconds[v] = {}
+            for seed in seeds:
+                t = train_variant(args.work, v, args.config, train, args.overrides, args.retrain, seed)
+                seconds[v][seed] = t
+                print(f"trained {seeded(v, seed)}: " + (f"{t:.0f} s" if t else "reused"), flush=True)
     for v in variants:
         if split_variant(v)[1]:
-            seconds[v] = seconds.get(split_variant(v)[0])
+            seconds[v] = seconds[split_variant(v)[0]]
 
-    results = {v: evaluate_variant(args.work, v, scenarios, args.smooth_sigma, f"{v}+smooth" in variants)
+    results = {v: {seed: evaluate_variant(args.work, v, scenarios, args.smooth_sigma, f"{v}+smooth" in variants,
+                                          seed)
+                   for seed in seeds}
                for v in variants}
-    (args.work / "results.json").write_text(json.dumps({"results": results, "train_seconds": seconds}, indent=1))
+    (args.work / "results.json").write_text(json.dumps({"seeds": seeds, "results": results,
+                                                        "train_seconds": seconds}, indent=1))
 
-    print("\n| scenario | variant | Dice corrupted frames | Dice clean frames | Dice at ES | LV EF error | "
-          "RV EF error | LV roughness (ref) | training |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for scenario in scenarios:
-        for v in variants:
-            r = results[v][scenario]
-            t = seconds.get(v)
-            print(f"| {scenario} | {v} | {r['dice_corrupted']:.3f} | {r['dice_clean']:.3f} | {r['dice_es']:.3f} | "
-                  f"{r['lv_ef_err']:.1f} | {r['rv_ef_err']:.1f} | {r['rough']:.1f} ({r['rough_ref']:.1f}) mL | "
-                  f"{'n/a' if t is None else f'{t:.0f} s'} |")
+    def table(title: str, rows: list[tuple[str, str, dict, float | None]]) -> None:
+        print(f"\n{title}\n")
+        print("| scenario | variant | Dice corrupted frames | Dice clean frames | Dice at ES | LV EF error | "
+              "RV EF error | LV roughness (ref) | training |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for scenario, label, r, t in rows:
+            print(f"| {scenario} | {label} | {r['dice_corrupted']:.3f} | {r['dice_clean']:.3f} | "
+                  f"{r['dice_es']:.3f} | {r['lv_ef_err']:.1f} | {r['rv_ef_err']:.1f} | "
+                  f"{r['rough']:.1f} ({r['rough_ref']:.1f}) mL | {'n/a' if t is None else f'{t:.0f} s'} |")
+
+    def mean(values: list) -> float | None:
+        return None if any(x is None for x in values) else float(np.mean(values))
+
+    table(f"mean over training seeds {seeds}" if len(seeds) > 1 else f"training seed {seeds[0]}",
+          [(scenario, v, {k: float(np.mean([results[v][seed][scenario][k] for seed in seeds]))
+                          for k in results[v][seeds[0]][scenario]},
+            mean([seconds[v][seed] for seed in seeds]))
+           for scenario in scenarios for v in variants])
+    if len(seeds) > 1:
+        table("each training seed",
+              [(scenario, f"{v}, seed {seed}", results[v][seed][scenario], seconds[v][seed])
+               for scenario in scenarios for v in variants for seed in seeds])
     return 0
 
 
