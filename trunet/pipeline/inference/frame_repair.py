@@ -17,7 +17,12 @@ What this does instead, on the probabilities of a whole series ``(T, K, X, Y, Z)
    at most one spoilt frame beside it (two blank frames agree perfectly). A frame is flagged when its
    agreement lies below ``median(agreement) - max(3 * MAD, min_drop)`` over the series; then the
    agreements are computed again with the flagged frames left out of the other frames' neighbours (a clean
-   frame between two spoilt ones is then judged against clean ones), until the flags no longer change.
+   frame between two spoilt ones is then judged against clean ones, a frame beside a flagged one by its
+   best Dice), and the threshold again from the agreements of the frames not flagged, until the flags no
+   longer change. Re-estimating the threshold (iterative outlier rejection) matters where many frames are
+   spoilt: their low agreements, and those of the clean frames beside them, widen the first round's
+   spread, so a partly spoilt frame (a dropout band across part of the heart) stays above a threshold
+   that the clean frames alone would put above it.
 2. **Repair** each flagged frame: its probabilities become the linear interpolation in time between the
    nearest unflagged frames before and after it (cyclic). Unflagged frames are left exactly as they are,
    so end-systole and end-diastole keep their own segmentation unless they are themselves spoilt.
@@ -93,7 +98,10 @@ class _Agreement:
 
     A clean frame resembles at least two of the frames around it, end-diastole and end-systole included
     (the heart turns slowly there, so both neighbours are close); a spoilt frame resembles none of the clean
-    ones, and a second spoilt frame beside it (two blank frames agree perfectly) is only one of them.
+    ones, and a second spoilt frame beside it (two blank frames agree perfectly) is only one of them. A frame
+    beside a flagged one is judged by its **best** Dice instead: it has lost one of its two nearest witnesses,
+    and the second-best of the rest is a frame two or more steps away, which the heart's own motion already
+    sets apart (without this, clean frames beside a repaired gap were flagged in turn).
     Pairwise Dice values are cached across rounds.
     """
 
@@ -113,8 +121,9 @@ class _Agreement:
         values = np.ones(num_frames)
         for t in range(num_frames):
             scores = sorted((self._dice(t, s) for s in _neighbours(num_frames, t, flagged)), reverse=True)
+            beside_flagged = flagged[(t - 1) % num_frames] or flagged[(t + 1) % num_frames]
             if scores:
-                values[t] = scores[1] if len(scores) > 1 else scores[0]
+                values[t] = scores[1] if len(scores) > 1 and not beside_flagged else scores[0]
         return values
 
 
@@ -126,6 +135,13 @@ def _interpolate(probs: np.ndarray, t: int, good: np.ndarray) -> np.ndarray:
     nxt, d_next = good[np.argmin(after)], int(after.min())
     prv, d_prev = good[np.argmin(before)], int(before.min())
     return (d_next * probs[prv] + d_prev * probs[nxt]) / (d_next + d_prev)
+
+
+def _threshold(agreement: np.ndarray, min_drop: float) -> float:
+    """``median - max(3 * MAD, min_drop)`` of the agreements of the frames not (yet) flagged."""
+    median = float(np.median(agreement))
+    mad = _MAD_SCALE * float(np.median(np.abs(agreement - median)))
+    return median - max(_MAD_FACTOR * mad, min_drop)
 
 
 def repair_spoilt_frames(probabilities: torch.Tensor, min_drop: float = 0.1) -> tuple[torch.Tensor, FrameRepair]:
@@ -151,15 +167,14 @@ def repair_spoilt_frames(probabilities: torch.Tensor, min_drop: float = 0.1) -> 
     agreements = _Agreement(probs.argmax(1), probs.shape[1])
     flagged = np.zeros(num_frames, dtype=bool)
     agreement = agreements(flagged)
-    median = float(np.median(agreement))
-    mad = _MAD_SCALE * float(np.median(np.abs(agreement - median)))
-    threshold = median - max(_MAD_FACTOR * mad, min_drop)
+    threshold = _threshold(agreement[~flagged], min_drop)
     for _ in range(_MAX_ROUNDS):
         new = agreement < threshold
         if np.array_equal(new, flagged):
             break
         flagged = new
         agreement = agreements(flagged)
+        threshold = _threshold(agreement[~flagged], min_drop)
     report = FrameRepair(frames=np.flatnonzero(flagged).tolist(), agreement=agreement.round(4).tolist(),
                          threshold=round(threshold, 4))
     if not report.frames:
