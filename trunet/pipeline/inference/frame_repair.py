@@ -167,14 +167,13 @@ def repair_spoilt_frames(probabilities: torch.Tensor, min_drop: float = 0.1) -> 
     agreements = _Agreement(probs.argmax(1), probs.shape[1])
     flagged = np.zeros(num_frames, dtype=bool)
     agreement = agreements(flagged)
-    threshold = _threshold(agreement[~flagged], min_drop)
     for _ in range(_MAX_ROUNDS):
+        threshold = _threshold(agreement[~flagged], min_drop)
         new = agreement < threshold
         if np.array_equal(new, flagged):
             break
         flagged = new
         agreement = agreements(flagged)
-        threshold = _threshold(agreement[~flagged], min_drop)
     report = FrameRepair(frames=np.flatnonzero(flagged).tolist(), agreement=agreement.round(4).tolist(),
                          threshold=round(threshold, 4))
     if not report.frames:
