@@ -27,7 +27,7 @@ def heart_stack(frames: int = 6, shape=(48, 48, 8), es: int = 3) -> np.ndarray:
     """Labels ``(T, X, Y, Z)`` of a short-axis stack, base at z = 0, apex at the last slice: an LV cavity
     in a myocardial ring beside an RV, narrowing towards the apex and smaller at ``es``. At ``es`` the base
     has descended: slice 0 shows atrial blood, labelled LV as a network that mistakes it would label it,
-    with a third of a myocardial ring beside it."""
+    with a fragment of a myocardial ring beside it (:func:`atrium_plane`)."""
     labels = np.zeros((frames, *shape), np.uint8)
     for t in range(frames):
         scale = 0.7 if t == es else 1.0
@@ -38,12 +38,18 @@ def heart_stack(frames: int = 6, shape=(48, 48, 8), es: int = 3) -> np.ndarray:
             plane[_disc(shape, (18, 24), r + 3)] = MYO
             plane[_disc(shape, (18, 24), r)] = LV
             labels[t, :, :, z] = plane
-    atrium = np.zeros(shape[:2], np.uint8)
-    xx, _ = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    atrium[_disc(shape, (18, 24), 10) & (xx > 24)] = MYO  # a wall fragment on one side
-    atrium[_disc(shape, (18, 24), 7)] = LV
-    labels[es, :, :, 0] = atrium
+    labels[es, :, :, 0] = atrium_plane(shape[:2], wall_from=24)
     return labels
+
+
+def atrium_plane(shape: tuple[int, int], wall_from: int) -> np.ndarray:
+    """One slice ``(X, Y)``: atrial blood labelled LV, with a myocardial wall fragment on the side
+    ``x > wall_from``: 18% of the cavity's outline at ``wall_from=24``, 68% at ``wall_from=14``."""
+    atrium = np.zeros(shape, np.uint8)
+    xx, _ = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    atrium[_disc(shape, (18, 24), 10) & (xx > wall_from)] = MYO
+    atrium[_disc(shape, (18, 24), 7)] = LV
+    return atrium
 
 
 def test_an_atrial_basal_slice_becomes_background_and_nothing_else_changes():
@@ -86,6 +92,53 @@ def test_a_failed_myocardium_is_not_taken_for_an_atrium():
         exclude_atrial_slices(labels, LV, MYO, min_enclosed=0.0)
     with pytest.raises(ValueError, match=r"\(T, X, Y, Z\)"):
         exclude_atrial_slices(labels[0, 0], LV, MYO)
+
+
+def descending_base(empty: tuple[int, ...], ringed: tuple[int, ...] = ()) -> np.ndarray:
+    """:func:`heart_stack` of 12 frames, end-systole at frame 6. The base's slice 0 shows atrium in the
+    frames ``empty`` (barely ringed: the per-frame test takes it) and in frames 5-7 (two thirds ringed,
+    which the per-frame test keeps), except in frames ``ringed``, where it is the ventricle's full ring."""
+    labels = heart_stack(12, es=6)
+    for t in range(5, 8):
+        labels[t, :, :, 0] = labels[t, :, :, 1] if t in ringed else atrium_plane(labels.shape[1:3], 14)
+    for t in empty:
+        labels[t, :, :, 0] = atrium_plane(labels.shape[1:3], wall_from=24)
+    return labels
+
+
+def test_half_ringed_atrium_between_atrial_frames_around_end_systole_is_taken():
+    labels = descending_base(empty=(4, 8))
+    out, removed = exclude_atrial_slices(labels, LV, MYO)
+    assert removed == [(4, 0), (5, 0), (6, 0), (7, 0), (8, 0)]
+    assert not (out[4:9, :, :, 0] == LV).any()
+    np.testing.assert_array_equal(out[4:9, :, :, 0] == MYO, labels[4:9, :, :, 0] == MYO)
+    changed = out != labels
+    changed[4:9, :, :, 0] = False
+    assert not changed.any()
+
+
+def test_a_fully_ringed_slice_between_atrial_frames_stays_ventricle():
+    out, removed = exclude_atrial_slices(descending_base(empty=(4, 8), ringed=(6,)), LV, MYO)
+    assert removed == [(4, 0), (5, 0), (7, 0), (8, 0)]
+    assert (out[6, :, :, 0] == LV).any()
+
+
+@pytest.mark.parametrize("empty", [(4,), (8,), (1, 11), (1, 8), (4, 11)], ids=str)
+def test_atrium_is_bridged_only_from_both_sides_of_end_systole_near_it(empty):
+    """One side only, or a frame without cavity in early systole or late diastole (a missed or spoilt frame
+    says nothing about the base's descent): only the per-frame test acts."""
+    labels = descending_base(empty)
+    out, removed = exclude_atrial_slices(labels, LV, MYO)
+    assert removed == [(t, 0) for t in empty]
+    assert (out[5:8, :, :, 0] == LV).any(axis=(1, 2)).all()
+
+
+def test_bridging_needs_three_frames_and_a_cavity():
+    two = descending_base(empty=(4, 8))[[4, 6]]
+    _, removed = exclude_atrial_slices(two, LV, MYO)
+    assert removed == [(0, 0)]
+    _, removed = exclude_atrial_slices(np.zeros((5, 8, 8, 4), np.uint8), LV, MYO)
+    assert removed == []
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
