@@ -301,8 +301,9 @@ def _exclude_atrium(
         return labels
     labels, removed = exclude_atrial_slices(labels, classes.index("LV"), classes.index("MYO"), min_enclosed)
     if removed:
-        logger.info("%s: basal LV cavity less than %.0f%% enclosed by myocardium (atrium) relabelled "
-                    "background at (frame, slice) %s", case_id, 100 * min_enclosed, removed)
+        logger.info("%s: basal LV cavity less than %.0f%% enclosed by myocardium, or between such frames "
+                    "around end-systole (atrium), relabelled background at (frame, slice) %s", case_id,
+                    100 * min_enclosed, removed)
     return labels
 
 
