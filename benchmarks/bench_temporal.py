@@ -25,6 +25,9 @@ Variants (``--variants``), each ``configs/demo.yaml`` plus overrides:
 * ``bottleneck``: the shipped config's one ConvLSTM (bottleneck, full width) made bidirectional, trained
   on the recipe's corrupted frames, cyclic inference: the time recipe at the shipped config's cost; its
   frame-by-frame twin is ``frame``;
+* ``bidirectional``: the shipped config's one ConvLSTM made bidirectional, cyclic inference, trained as
+  ``shipped`` is (no frame corruption: spoilt frames are the repair's job): whether seeing the frames after
+  a frame helps the clean ones; its frame-by-frame twin is ``shipped-frame``;
 * ``causal``: the recipe with unidirectional ConvLSTMs (the streaming form);
 * ``temporal-full``: the recipe with full-width ConvLSTM states (``model.clstm_reduction=1``);
 * ``temporal-cons`` / ``frame-cons``: ``temporal`` / ``frame`` plus the corruption-consistency loss
@@ -106,6 +109,7 @@ VARIANTS = {
     "frame": [*RECIPE, "model.clstm_levels=[]"],
     "shipped-frame": ["model.clstm_levels=[]"],
     "bottleneck": ["model.bidirectional=true", "train.augment.corrupt_prob=0.25", "infer.cyclic=true"],
+    "bidirectional": ["model.bidirectional=true", "infer.cyclic=true"],
     "causal": [*RECIPE, "model.bidirectional=false"],
     "temporal-full": [*RECIPE, "model.clstm_reduction=1"],
     "temporal-cons": [*RECIPE, *CONSISTENCY],
