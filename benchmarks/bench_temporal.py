@@ -37,7 +37,9 @@ Variants (``--variants``), each ``configs/demo.yaml`` plus overrides:
   :mod:`trunet.pipeline.inference.frame_repair`); ``<variant>+basal`` with ``infer.exclude_atrium`` on
   (basal LV cavity that myocardium does not enclose is atrium,
   :func:`trunet.pipeline.inference.postprocess.exclude_atrial_slices`); ``<variant>+default`` with both, as
-  ``trunet predict`` runs by default. Every other variant is predicted with both off: the network's masks.
+  ``trunet predict`` runs by default; ``<variant>+tta`` as ``+default`` plus mirroring test-time
+  augmentation (``infer.tta``: the four in-plane mirrorings averaged). Every other variant is predicted
+  with both off and no TTA: the network's masks.
 
 All variants are predicted in float32 (``cpu_bf16=False``), so the table compares models, not precisions.
 
@@ -230,11 +232,12 @@ def score(pred: np.ndarray, ref: np.ndarray, case: dict, spacing) -> dict:
             "rough": rough(vp[:, 3]), "rough_ref": rough(vr[:, 3])}
 
 
-POSTPROCESSING = ("+smooth", "+repair", "+basal", "+default")
+POSTPROCESSING = ("+smooth", "+repair", "+basal", "+default", "+tta")
 """Suffixes of a variant name: the source variant's predictions post-processed (over time, or at the base)."""
-PREDICT_OPTIONS = {"+repair": (True, False), "+basal": (False, True), "+default": (True, True)}
-"""``trunet predict`` options per suffix: ``(infer.repair_frames, infer.exclude_atrium)``; both off
-otherwise."""
+PREDICT_OPTIONS = {"+repair": (True, False, False), "+basal": (False, True, False), "+default": (True, True, False),
+                   "+tta": (True, True, True)}
+"""``trunet predict`` options per suffix: ``(infer.repair_frames, infer.exclude_atrium, infer.tta)``; all
+off otherwise."""
 
 
 def split_variant(variant: str) -> tuple[str, str]:
@@ -248,9 +251,9 @@ def split_variant(variant: str) -> tuple[str, str]:
 def evaluate_variant(work: Path, variant: str, scenarios: dict[str, dict], sigma: float,
                      probabilities: bool = False, seed: int = 0) -> dict[str, dict]:
     """Scores of one variant (its model trained with ``train.seed=seed``) per scenario; ``probabilities``:
-    save them when predicting (a ``+smooth`` variant of the same model follows). A ``+repair``, ``+basal`` or
-    ``+default`` variant is the source checkpoint predicted by ``trunet predict``'s own path with the options
-    of :data:`PREDICT_OPTIONS`; every other variant is predicted with both off."""
+    save them when predicting (a ``+smooth`` variant of the same model follows). A ``+repair``, ``+basal``,
+    ``+default`` or ``+tta`` variant is the source checkpoint predicted by ``trunet predict``'s own path
+    with the options of :data:`PREDICT_OPTIONS`; every other variant is predicted with all of them off."""
     source, post = split_variant(variant)
     ckpt = work / "runs" / seeded(source, seed) / "checkpoints" / "best.pt"
     results = {}
@@ -262,10 +265,10 @@ def evaluate_variant(work: Path, variant: str, scenarios: dict[str, dict], sigma
         if not all((pred_dir / name).is_file() for name in needed):
             if pred_dir.exists():
                 subprocess.call(["rm", "-rf", str(pred_dir)])
-            repair, atrium = PREDICT_OPTIONS.get(post, (False, False))
+            repair, atrium, tta = PREDICT_OPTIONS.get(post, (False, False, False))
             run_prediction(ckpt, work / "scenarios" / scenario, pred_dir,
                            save_probabilities=post == "+smooth" or (probabilities and not post),
-                           repair_frames=repair, exclude_atrium=atrium, cpu_bf16=False)
+                           repair_frames=repair, exclude_atrium=atrium, tta=tta, cpu_bf16=False)
         rows = []
         for cid, case in cases.items():
             ref = _reference(case["label"])
