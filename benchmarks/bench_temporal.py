@@ -233,11 +233,18 @@ def score(pred: np.ndarray, ref: np.ndarray, case: dict, spacing) -> dict:
 
 
 POSTPROCESSING = ("+smooth", "+repair", "+basal", "+default", "+tta")
-"""Suffixes of a variant name: the source variant's predictions post-processed (over time, or at the base)."""
-PREDICT_OPTIONS = {"+repair": (True, False, False), "+basal": (False, True, False), "+default": (True, True, False),
-                   "+tta": (True, True, True)}
-"""``trunet predict`` options per suffix: ``(infer.repair_frames, infer.exclude_atrium, infer.tta)``; all
-off otherwise."""
+"""Suffixes of a variant name: the source variant's model predicted with other inference options, or its
+predictions post-processed (over time, or at the base)."""
+PREDICT_OFF = {"repair_frames": False, "exclude_atrium": False, "tta": False}
+""":func:`run_prediction` options of every variant without a suffix of :data:`PREDICT_OPTIONS`: the
+network's masks (``infer.repair_frames``, ``infer.exclude_atrium``, ``infer.tta`` off)."""
+PREDICT_OPTIONS = {
+    "+repair": {**PREDICT_OFF, "repair_frames": True},
+    "+basal": {**PREDICT_OFF, "exclude_atrium": True},
+    "+default": {**PREDICT_OFF, "repair_frames": True, "exclude_atrium": True},
+    "+tta": {"repair_frames": True, "exclude_atrium": True, "tta": True},
+}
+""":func:`run_prediction` options per suffix (``+default``: as ``trunet predict`` runs by default)."""
 
 
 def split_variant(variant: str) -> tuple[str, str]:
@@ -265,10 +272,9 @@ def evaluate_variant(work: Path, variant: str, scenarios: dict[str, dict], sigma
         if not all((pred_dir / name).is_file() for name in needed):
             if pred_dir.exists():
                 subprocess.call(["rm", "-rf", str(pred_dir)])
-            repair, atrium, tta = PREDICT_OPTIONS.get(post, (False, False, False))
             run_prediction(ckpt, work / "scenarios" / scenario, pred_dir,
                            save_probabilities=post == "+smooth" or (probabilities and not post),
-                           repair_frames=repair, exclude_atrium=atrium, tta=tta, cpu_bf16=False)
+                           cpu_bf16=False, **PREDICT_OPTIONS.get(post, PREDICT_OFF))
         rows = []
         for cid, case in cases.items():
             ref = _reference(case["label"])
