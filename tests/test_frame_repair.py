@@ -92,6 +92,32 @@ def test_a_clean_cine_is_left_as_it_is_even_at_its_extremes(frames, motion):
     assert min(report.agreement) > report.threshold
 
 
+def basal_slice_at_end_diastole(frames: int) -> np.ndarray:
+    """:func:`beating_heart` in 5 thick slices ``(T, X, Y, 5)``: slices 1-3 hold the heart in every frame,
+    the most basal slice 0 in end-diastole (frame 0) only, as when the base moves out of an 8-10 mm slice
+    in the first frame of systole; slice 4 (beyond the apex) is empty."""
+    heart = beating_heart(frames, shape=(48, 48, 1), motion=2.0)[..., 0]
+    labels = np.zeros((frames, 48, 48, 5), np.uint8)
+    labels[..., 1:4] = heart[..., None]
+    labels[0, ..., 0] = heart[0]
+    return labels
+
+
+def test_a_basal_slice_held_at_end_diastole_only_is_the_hearts_motion_not_a_spoilt_frame():
+    """End-diastole's extra basal slice alone sets it apart from both neighbours (Dice 0.85 over the whole
+    volume, where the other frames agree at 0.94-1.0, and below the threshold, 0.86); the repair must not flag
+    it, or the end-diastolic volume, the ejection fraction's denominator, is interpolated away. Frames spoilt
+    inside the heart's extent, or over more than its end slice, are still found."""
+    truth = basal_slice_at_end_diastole(24)
+    spoilt = truth.copy()
+    spoilt[6] = 0  # a dropout: the heart segmented as background
+    spoilt[13][..., 2:4] = 0  # the cavity lost over the two apical slices (a band across the slices)
+    repaired, report = repair_spoilt_frames(probabilities(spoilt))
+    assert report.frames == [6, 13], report
+    assert torch.equal(repaired[0], probabilities(spoilt)[0])  # end-diastole kept as segmented
+    assert (repaired[13].argmax(0).numpy()[..., 2:4] == 3).any()  # the lost slices back, from the neighbours
+
+
 def test_a_series_mostly_spoilt_is_left_as_segmented():
     """With most frames unlike their neighbours there is no clean majority to repair from."""
     truth = beating_heart(10)
@@ -137,3 +163,28 @@ def test_predict_repairs_a_spoilt_frame_and_says_so(tmp_path, monkeypatch, caplo
     kept = np.asarray(nib.load(tmp_path / "as-segmented" / "case_seg.nii.gz").dataobj)
     assert (kept[..., 4] > 0).sum() == 0  # the spoilt frame as the network gave it
     np.testing.assert_array_equal(np.delete(kept, 4, axis=-1), np.delete(repaired, 4, axis=-1))
+
+
+def test_predict_judges_the_frames_on_the_scans_own_slices(tmp_path, monkeypatch, caplog):
+    """The base moves through the scan's slices, not the model's: on a model grid of a third of the slice
+    spacing (2.67 mm for the scan's 8 mm) end-diastole's extra basal slice spans three model slices, and
+    leaving out one of them would still flag it. Predicted, end-diastole keeps that slice; the spoilt frame
+    is repaired."""
+
+    def labels_for(frames, spatial):  # the scan's labels, each 8 mm slice as 3 slices of the model's grid
+        scan = basal_slice_at_end_diastole(frames)[..., :3]  # 3 slices: base at ED only, then 2 of the heart
+        scan[6] = 0
+        model = np.zeros((frames, *spatial), np.uint8)
+        for z in range(spatial[2]):
+            model[..., : spatial[0], : spatial[1], z] = scan[:, : spatial[0], : spatial[1], min(z // 3, 2)]
+        return model
+
+    checkpoint, image = fixed_network_case(tmp_path, monkeypatch, labels_for, shape=(48, 48, 3, 24),
+                                           target_spacing=(3.0, 3.0, 8.0 / 3))
+    with caplog.at_level(logging.INFO, logger="trunet.pipeline.inference"):
+        (seg,) = run_prediction(checkpoint, image, tmp_path / "pred", device="cpu")
+    assert "case: frames [6] break from their neighbours" in caplog.text
+    labels = np.asarray(nib.load(seg).dataobj)  # (x, y, z, t)
+    assert (labels[..., 0, 0] == 3).sum() > 0.9 * (labels[..., 1, 0] == 3).sum()  # ED's basal cavity kept
+    assert (labels[..., 6] == 3).any()  # the spoilt frame back
+

@@ -294,11 +294,13 @@ def checkpoint(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
-def fixed_network_case(tmp_path: Path, monkeypatch, labels_for, shape) -> tuple[Path, Path]:
-    """A checkpoint and a cine of ``shape`` ``(x, y, z, t)`` whose network gives a fixed segmentation:
-    ``Predictor.predict_case`` is replaced by ``labels_for(frames, (X, Y, Z))`` (uint8 labels ``(T, X, Y, Z)``
-    in 0..3 on the model's grid) as confident probabilities ``(1, T, 4, X, Y, Z)``. Returns
-    ``(checkpoint, image)``."""
+def fixed_network_case(
+    tmp_path: Path, monkeypatch, labels_for, shape, target_spacing=(3.0, 3.0, 8.0)
+) -> tuple[Path, Path]:
+    """A checkpoint and a cine of ``shape`` ``(x, y, z, t)`` (spacing 3 x 3 x 8 mm) whose network gives a
+    fixed segmentation: ``Predictor.predict_case`` is replaced by ``labels_for(frames, (X, Y, Z))`` (uint8
+    labels ``(T, X, Y, Z)`` in 0..3 on the model's grid, ``target_spacing``) as confident probabilities
+    ``(1, T, 4, X, Y, Z)``. Returns ``(checkpoint, image)``."""
 
     def predict_case(self, image, description=None):
         frames, *spatial = image.shape
@@ -306,7 +308,7 @@ def fixed_network_case(tmp_path: Path, monkeypatch, labels_for, shape) -> tuple[
         return torch.from_numpy(0.9 * one_hot + 0.025)[None]
 
     monkeypatch.setattr(Predictor, "predict_case", predict_case)
-    checkpoint = write_checkpoint(tmp_path / "model.pt", target_spacing=(3.0, 3.0, 8.0))
+    checkpoint = write_checkpoint(tmp_path / "model.pt", target_spacing=target_spacing)
     return checkpoint, write_cine(tmp_path / "in" / "case_4d.nii.gz", shape=shape)
 
 

@@ -12,7 +12,11 @@ What this does instead, on the probabilities of a whole series ``(T, K, X, Y, Z)
 1. **Find** the frames that disagree with the series: frame ``t``'s labels (arg-max) are compared, by
    mean Dice over the foreground classes, with the labels of each of the frames ``t - HALF_WINDOW ..
    t + HALF_WINDOW`` (cyclic: a cine is one heartbeat), and its agreement is the **second-best** of those
-   Dice values. A clean frame resembles at least two of its neighbours, end-diastole and end-systole
+   Dice values. Each Dice leaves out the one slice (along ``Z``, the short axis) just beyond the range
+   that both frames have foreground in, at either end: the base moves through a thick slice over the cycle,
+   so end-diastole can hold a basal slice of ventricle that no other frame holds, and that is no spoilt
+   frame (``trunet predict`` therefore judges the frames on the scan's own slices, not the model's grid).
+   A clean frame resembles at least two of its neighbours, end-diastole and end-systole
    included (the heart turns slowly at its extremes); a spoilt frame resembles none of the clean ones, and
    at most one spoilt frame beside it (two blank frames agree perfectly). A frame is flagged when its
    agreement lies below ``median(agreement) - max(3 * MAD, min_drop)`` over the series; then the
@@ -81,6 +85,30 @@ def _foreground_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
     return float(np.mean(scores)) if scores else 1.0
 
 
+def _without_motion_end_slices(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two label maps ``(X, Y, Z)`` without the slice just beyond their shared extent along ``Z`` at each end.
+
+    Short-axis slices are thick (5-10 mm) and the base moves through them over the cycle: a whole basal slice
+    of ventricle can be in the end-diastolic frame and in none of the frames beside it. That is the heart's
+    motion, not a spoilt frame, yet it alone can cost a clean end-diastole more Dice than ``min_drop``
+    (BENCHMARKS.md, "Mirroring TTA and twice the epochs"). So the one slice beyond the range of slices where
+    both maps have foreground, at either end, is left out of the comparison: that slice has foreground in one
+    map only. Slices further out, and every slice inside the shared range, still count, so a frame that loses
+    its cavity over more than one end slice, or within the range (a dropout band), still disagrees; a map
+    without foreground, or two maps whose extents do not overlap, are compared whole.
+    """
+    za = np.flatnonzero((a > 0).any(axis=(0, 1)))
+    zb = np.flatnonzero((b > 0).any(axis=(0, 1)))
+    if za.size == 0 or zb.size == 0:
+        return a, b
+    first, last = max(za[0], zb[0]), min(za[-1], zb[-1])
+    if first > last:
+        return a, b
+    keep = np.ones(a.shape[-1], dtype=bool)
+    keep[[z for z in (first - 1, last + 1) if 0 <= z < a.shape[-1]]] = False
+    return a[..., keep], b[..., keep]
+
+
 def _neighbours(num_frames: int, t: int, flagged: np.ndarray) -> tuple[int, ...]:
     """Frame ``t``'s unflagged neighbours within ``HALF_WINDOW`` frames (cyclic), the window widened until it
     holds at least 2 of them (or spans the series)."""
@@ -113,7 +141,8 @@ class _Agreement:
     def _dice(self, t: int, s: int) -> float:
         key = (min(t, s), max(t, s))
         if key not in self._pairs:
-            self._pairs[key] = _foreground_dice(self.labels[t], self.labels[s], self.num_classes)
+            a, b = _without_motion_end_slices(self.labels[t], self.labels[s])
+            self._pairs[key] = _foreground_dice(a, b, self.num_classes)
         return self._pairs[key]
 
     def __call__(self, flagged: np.ndarray) -> np.ndarray:

@@ -253,14 +253,6 @@ def _predict_one(
         raise DataError(case.image, f"preprocessed image has shape {tuple(image.shape)}; expected (T, X, Y, Z)")
     frames, num_classes = image.shape[0], predictor.num_classes
     probs = predictor.predict_case(image, description=case.case_id)[0].cpu()  # (T, K, x, y, z)
-    if repair_min_drop is not None:  # on the model's grid: the frames' agreement does not depend on the grid
-        probs, repair = repair_spoilt_frames(probs, repair_min_drop)
-        if repair.frames:
-            logger.info("%s: frames %s break from their neighbours (agreement %s < %.3f Dice); replaced by "
-                        "interpolation between the nearest unflagged frames", case.case_id, repair.frames,
-                        [repair.agreement[t] for t in repair.frames], repair.threshold)
-        elif repair.skipped:
-            logger.warning("%s: %s", case.case_id, repair.skipped)
     # back onto the scan's grid: probabilities are resampled (linear), then the arg-max is taken there
     folded = probs.reshape(frames * num_classes, *probs.shape[2:])
     del probs
@@ -272,6 +264,16 @@ def _predict_one(
             f"{case.image}: inverted prediction {tuple(inverted.shape)} does not match the scan "
             f"(T={header.n_frames}, {header.spatial_shape})"
         )
+    if repair_min_drop is not None:
+        # on the scan's grid, not the model's: the slices that the base moves through over the cycle, which
+        # the repair must not count as a spoilt frame, are the scan's own (resampled, one spreads over two)
+        inverted, repair = repair_spoilt_frames(inverted, repair_min_drop)
+        if repair.frames:
+            logger.info("%s: frames %s break from their neighbours (agreement %s < %.3f Dice); replaced by "
+                        "interpolation between the nearest unflagged frames", case.case_id, repair.frames,
+                        [repair.agreement[t] for t in repair.frames], repair.threshold)
+        elif repair.skipped:
+            logger.warning("%s: %s", case.case_id, repair.skipped)
     labels = probabilities_to_labels(inverted)
     if postprocess:
         labels = keep_largest_components(labels, classes=range(1, num_classes))
