@@ -12,10 +12,11 @@ What this does instead, on the probabilities of a whole series ``(T, K, X, Y, Z)
 1. **Find** the frames that disagree with the series: frame ``t``'s labels (arg-max) are compared, by
    mean Dice over the foreground classes, with the labels of each of the frames ``t - HALF_WINDOW ..
    t + HALF_WINDOW`` (cyclic: a cine is one heartbeat), and its agreement is the **second-best** of those
-   Dice values. Each Dice leaves out the one slice (along ``Z``, the short axis) just beyond the range
-   that both frames have foreground in, at either end: the base moves through a thick slice over the cycle,
-   so end-diastole can hold a basal slice of ventricle that no other frame holds, and that is no spoilt
-   frame (``trunet predict`` therefore judges the frames on the scan's own slices, not the model's grid).
+   Dice values. In the first and the last slice (along ``Z``, the short axis) that either frame has
+   foreground in, what frame ``t`` holds beyond its neighbour is not counted against it, what it lacks is:
+   the base moves through a thick slice over the cycle, so end-diastole can hold a basal slice of
+   ventricle that the frames beside it barely hold, and that is no spoilt frame (``trunet predict``
+   therefore judges the frames on the scan's own slices, not the model's grid).
    A clean frame resembles at least two of its neighbours, end-diastole and end-systole
    included (the heart turns slowly at its extremes); a spoilt frame resembles none of the clean ones, and
    at most one spoilt frame beside it (two blank frames agree perfectly). A frame is flagged when its
@@ -85,28 +86,26 @@ def _foreground_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
     return float(np.mean(scores)) if scores else 1.0
 
 
-def _without_motion_end_slices(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Two label maps ``(X, Y, Z)`` without the slice just beyond their shared extent along ``Z`` at each end.
+def _forgiving_end_slices(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Label map ``a`` ``(X, Y, Z)`` without its foreground that ``b`` lacks in the first and the last slice
+    along ``Z`` that either has foreground in (a copy where anything changes).
 
-    Short-axis slices are thick (5-10 mm) and the base moves through them over the cycle: a whole basal slice
-    of ventricle can be in the end-diastolic frame and in none of the frames beside it. That is the heart's
+    Short-axis slices are thick (5-10 mm) and the base moves through them over the cycle: end-diastole can
+    hold a whole basal slice of ventricle of which the frames beside it hold a sliver. That is the heart's
     motion, not a spoilt frame, yet it alone can cost a clean end-diastole more Dice than ``min_drop``
-    (BENCHMARKS.md, "Mirroring TTA and twice the epochs"). So the one slice beyond the range of slices where
-    both maps have foreground, at either end, is left out of the comparison: that slice has foreground in one
-    map only. Slices further out, and every slice inside the shared range, still count, so a frame that loses
-    its cavity over more than one end slice, or within the range (a dropout band), still disagrees; a map
-    without foreground, or two maps whose extents do not overlap, are compared whole.
+    (BENCHMARKS.md, "Mirroring TTA and twice the epochs"). So when frame ``a`` is judged against ``b``, what
+    ``a`` holds *beyond* ``b`` in the two end slices of their joint extent is not held against it; what it
+    *lacks* there still is: a network segments a mistriggered, displaced basal slice as a sliver of its
+    neighbours' (BENCHMARKS.md, "Spoilt-frame repair at the base"), and that frame must still disagree.
+    Every slice between counts in full. A joint extent of fewer than 3 slices is left whole.
     """
-    za = np.flatnonzero((a > 0).any(axis=(0, 1)))
-    zb = np.flatnonzero((b > 0).any(axis=(0, 1)))
-    if za.size == 0 or zb.size == 0:
-        return a, b
-    first, last = max(za[0], zb[0]), min(za[-1], zb[-1])
-    if first > last:
-        return a, b
-    keep = np.ones(a.shape[-1], dtype=bool)
-    keep[[z for z in (first - 1, last + 1) if 0 <= z < a.shape[-1]]] = False
-    return a[..., keep], b[..., keep]
+    extent = np.flatnonzero(np.logical_or(a > 0, b > 0).any(axis=(0, 1)))
+    if extent.size < 3:
+        return a
+    a = a.copy()
+    for z in (extent[0], extent[-1]):
+        a[..., z] = np.where(a[..., z] == b[..., z], a[..., z], 0)
+    return a
 
 
 def _neighbours(num_frames: int, t: int, flagged: np.ndarray) -> tuple[int, ...]:
@@ -139,11 +138,11 @@ class _Agreement:
         self._pairs: dict[tuple[int, int], float] = {}
 
     def _dice(self, t: int, s: int) -> float:
-        key = (min(t, s), max(t, s))
-        if key not in self._pairs:
-            a, b = _without_motion_end_slices(self.labels[t], self.labels[s])
-            self._pairs[key] = _foreground_dice(a, b, self.num_classes)
-        return self._pairs[key]
+        """How well frame ``t`` agrees with frame ``s`` (not symmetric: see :func:`_forgiving_end_slices`)."""
+        if (t, s) not in self._pairs:
+            a = _forgiving_end_slices(self.labels[t], self.labels[s])
+            self._pairs[(t, s)] = _foreground_dice(a, self.labels[s], self.num_classes)
+        return self._pairs[(t, s)]
 
     def __call__(self, flagged: np.ndarray) -> np.ndarray:
         num_frames = self.labels.shape[0]
