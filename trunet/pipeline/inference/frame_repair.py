@@ -87,16 +87,16 @@ def _foreground_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
 
 
 def _forgiving_end_slices(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Label map ``a`` ``(X, Y, Z)`` without its foreground that ``b`` lacks in the first and the last slice
-    along ``Z`` that either has foreground in (a copy where anything changes).
+    """A copy of label map ``a`` ``(X, Y, Z)`` without its foreground that ``b`` lacks in the first and the
+    last slice along ``Z`` that either has foreground in (``a`` itself when they span fewer than 3 slices).
 
     Short-axis slices are thick (5-10 mm) and the base moves through them over the cycle: end-diastole can
     hold a whole basal slice of ventricle of which the frames beside it hold a sliver. That is the heart's
     motion, not a spoilt frame, yet it alone can cost a clean end-diastole more Dice than ``min_drop``
-    (BENCHMARKS.md, "Mirroring TTA and twice the epochs"). So when frame ``a`` is judged against ``b``, what
+    (BENCHMARKS.md, "Spoilt-frame repair at the base"). So when frame ``a`` is judged against ``b``, what
     ``a`` holds *beyond* ``b`` in the two end slices of their joint extent is not held against it; what it
     *lacks* there still is: a network segments a mistriggered, displaced basal slice as a sliver of its
-    neighbours' (BENCHMARKS.md, "Spoilt-frame repair at the base"), and that frame must still disagree.
+    neighbours', and that frame must still disagree.
     Every slice between counts in full. A joint extent of fewer than 3 slices is left whole.
     """
     extent = np.flatnonzero(np.logical_or(a > 0, b > 0).any(axis=(0, 1)))
