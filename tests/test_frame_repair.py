@@ -175,9 +175,9 @@ def test_predict_repairs_a_spoilt_frame_and_says_so(tmp_path, monkeypatch, caplo
 
 def test_predict_judges_the_frames_on_the_scans_own_slices(tmp_path, monkeypatch, caplog):
     """The base moves through the scan's slices, not the model's: on a model grid of a third of the slice
-    spacing (2.67 mm for the scan's 8 mm) end-diastole's extra basal slice spans three model slices, and
-    leaving out one of them would still flag it. Predicted, end-diastole keeps that slice; the spoilt frame
-    is repaired."""
+    spacing (2.67 mm for the scan's 8 mm) end-diastole's extra basal slice spans three model slices, and a
+    rule on the end slice alone would still flag it there. Predicted, end-diastole keeps that slice; the
+    spoilt frame is repaired."""
 
     def labels_for(frames, spatial):  # the scan's labels, each 8 mm slice as 3 slices of the model's grid
         scan = basal_slice_at_end_diastole(frames)[..., :3]  # 3 slices: base at ED only, then 2 of the heart
@@ -195,4 +195,3 @@ def test_predict_judges_the_frames_on_the_scans_own_slices(tmp_path, monkeypatch
     labels = np.asarray(nib.load(seg).dataobj)  # (x, y, z, t)
     assert (labels[..., 0, 0] == 3).sum() > 0.9 * (labels[..., 1, 0] == 3).sum()  # ED's basal cavity kept
     assert (labels[..., 6] == 3).any()  # the spoilt frame back
-
