@@ -45,8 +45,9 @@ All variants are predicted in float32 (``cpu_bf16=False``), so the table compare
 
 Printed per scenario and variant: mean Dice (RV, MYO, LV) on corrupted and on clean frames, Dice at ES,
 LV/RV EF absolute error (EF at the reference's ED and ES frames), LV volume-curve roughness (mean absolute
-cyclic second difference, mL) beside the reference's, and training seconds. Then one Markdown table for
-BENCHMARKS.md.
+cyclic second difference, mL) beside the reference's, how many of the cases' ED and ES frames have an LV
+slice drawn wrong as a whole (:func:`lv_slice_wrong`: what moves a case's EF most), and training seconds.
+Then one Markdown table for BENCHMARKS.md.
 
 Usage (the figures in BENCHMARKS.md; about an hour on a 2-core CPU)::
 
@@ -210,6 +211,19 @@ def smoothed_labels(pred_dir: Path, case_id: str, sigma: float) -> np.ndarray:
     return keep_largest_components(labels, classes=range(1, len(CLASSES) + 1))
 
 
+def lv_slice_wrong(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, min_ml: float = 2.0) -> bool:
+    """Whether one frame's LV cavity ``(X, Y, Z)`` has a slice drawn wrong as a whole: its area differs from
+    the reference's by more than half of the larger of the two, and by more than ``min_ml`` mL.
+
+    A short-axis slice is 5-10 mm thick, so at the base the question is often which slices hold ventricle at
+    all, and one slice decided wrong at ED or ES moves that case's EF by 10 points or more; partial volume
+    at the apex (a few voxels) is not counted."""
+    area_pred = (pred == 3).sum(axis=(0, 1)).astype(np.int64)
+    area_ref = (ref == 3).sum(axis=(0, 1)).astype(np.int64)
+    diff = np.abs(area_pred - area_ref)
+    return bool(np.any((diff > 0.5 * np.maximum(area_pred, area_ref)) & (diff * voxel_ml > min_ml)))
+
+
 def score(pred: np.ndarray, ref: np.ndarray, case: dict, spacing) -> dict:
     """Per-frame mean Dice over the three structures, EF errors and LV curve roughness of one case."""
     p = one_hot(torch.as_tensor(pred, dtype=torch.int64)[:, None], 4)
@@ -227,9 +241,11 @@ def score(pred: np.ndarray, ref: np.ndarray, case: dict, spacing) -> dict:
     def rough(curve: np.ndarray) -> float:
         return float(np.mean(np.abs(np.roll(curve, 1) - 2 * curve + np.roll(curve, -1))))
 
+    voxel_ml = float(np.prod(spacing)) / 1000.0
     return {"dice_corrupted": per_frame[corrupted].tolist(), "dice_clean": per_frame[~corrupted].tolist(),
             "dice_es": float(per_frame[es]), "lv_ef_err": ef["LV"], "rv_ef_err": ef["RV"],
-            "rough": rough(vp[:, 3]), "rough_ref": rough(vr[:, 3])}
+            "rough": rough(vp[:, 3]), "rough_ref": rough(vr[:, 3]),
+            "lv_slice_wrong": sum(lv_slice_wrong(pred[t], ref[t], voxel_ml) for t in (ed, es))}
 
 
 POSTPROCESSING = ("+smooth", "+repair", "+basal", "+default", "+tta")
@@ -292,6 +308,8 @@ def evaluate_variant(work: Path, variant: str, scenarios: dict[str, dict], sigma
             "rv_ef_err": float(np.mean([r["rv_ef_err"] for r in rows])),
             "rough": float(np.mean([r["rough"] for r in rows])),
             "rough_ref": float(np.mean([r["rough_ref"] for r in rows])),
+            "lv_slice_wrong": float(sum(r["lv_slice_wrong"] for r in rows)),
+            "ed_es_volumes": float(2 * len(rows)),
         }
     return results
 
@@ -363,12 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     def table(title: str, rows: list[tuple[str, str, dict, float | None]]) -> None:
         print(f"\n{title}\n")
         print("| scenario | variant | Dice corrupted frames | Dice clean frames | Dice at ES | LV EF error | "
-              "RV EF error | LV roughness (ref) | training |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "RV EF error | LV roughness (ref) | ED/ES LV with a slice wrong | training |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for scenario, label, r, t in rows:
             print(f"| {scenario} | {label} | {r['dice_corrupted']:.3f} | {r['dice_clean']:.3f} | "
                   f"{r['dice_es']:.3f} | {r['lv_ef_err']:.1f} | {r['rv_ef_err']:.1f} | "
-                  f"{r['rough']:.1f} ({r['rough_ref']:.1f}) mL | {'n/a' if t is None else f'{t:.0f} s'} |")
+                  f"{r['rough']:.1f} ({r['rough_ref']:.1f}) mL | {r['lv_slice_wrong']:.3g} of "
+                  f"{r['ed_es_volumes']:.0f} | {'n/a' if t is None else f'{t:.0f} s'} |")
 
     def mean(values: list) -> float | None:
         return None if any(x is None for x in values) else float(np.mean(values))
