@@ -16,15 +16,23 @@ from trunet.pipeline.inference.frame_repair import repair_spoilt_frames
 from test_infer import _dice, fixed_network_case
 
 
+LV_CENTRE, RV_CENTRE = (18, 24), (36, 24)
+
+
+def distance_from(centre: tuple[int, int], plane: tuple[int, int] = (48, 48)) -> np.ndarray:
+    """Each in-plane voxel's distance ``(X, Y)`` from ``centre``, in voxels."""
+    xx, yy = np.meshgrid(np.arange(plane[0]), np.arange(plane[1]), indexing="ij")
+    return np.hypot(xx - centre[0], yy - centre[1])
+
+
 def beating_heart(frames: int, shape=(48, 48, 2), motion: float = 5.0) -> np.ndarray:
     """Labels ``(T, X, Y, Z)`` of one beat: an LV cavity (3) in a myocardial ring (2) beside an RV (1), the
     cavity shrinking to end-systole at ``T // 2`` and refilling (radius 12 -> 12 - motion voxels)."""
-    xx, yy = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
     labels = np.zeros((frames, *shape), np.uint8)
+    d_lv = distance_from(LV_CENTRE, shape[:2])
+    d_rv = distance_from(RV_CENTRE, shape[:2])
     for t in range(frames):
         r = 12 - motion * (1 - np.cos(2 * np.pi * t / frames)) / 2
-        d_lv = np.hypot(xx - 18, yy - 24)
-        d_rv = np.hypot(xx - 36, yy - 24)
         plane = np.zeros(shape[:2], np.uint8)
         plane[d_rv <= 0.8 * r] = 1
         plane[d_lv <= r + 3] = 2
@@ -100,8 +108,7 @@ def basal_slice_at_end_diastole(frames: int) -> np.ndarray:
     heart = beating_heart(frames, shape=(48, 48, 1), motion=2.0)[..., 0]
     labels = np.zeros((frames, 48, 48, 5), np.uint8)
     labels[..., 1:4] = heart[..., None]
-    xx, yy = np.meshgrid(np.arange(48), np.arange(48), indexing="ij")
-    labels[:, np.hypot(xx - 18, yy - 24) <= 6, 0] = 3
+    labels[:, distance_from(LV_CENTRE) <= 6, 0] = 3
     labels[0, ..., 0] = heart[0]
     return labels
 
@@ -118,8 +125,7 @@ def test_a_basal_slice_held_at_end_diastole_only_is_the_hearts_motion_not_a_spoi
     spoilt = truth.copy()
     spoilt[6] = 0  # a dropout: the heart segmented as background
     spoilt[13][..., 2:4] = 0  # the cavity lost over the two apical slices (a band across the slices)
-    xx, yy = np.meshgrid(np.arange(48), np.arange(48), indexing="ij")
-    spoilt[17][np.hypot(xx - 18, yy - 24) > 5, 3] = 0  # the apical slice a sliver (as a displaced slice is)
+    spoilt[17][distance_from(LV_CENTRE) > 5, 3] = 0  # the apical slice a sliver (as a displaced slice is)
     repaired, report = repair_spoilt_frames(probabilities(spoilt))
     assert report.frames == [6, 13, 17], report
     assert torch.equal(repaired[0], probabilities(spoilt)[0])  # end-diastole kept as segmented
